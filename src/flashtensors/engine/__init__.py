@@ -1,0 +1,1 @@
+"""The load engine: plan (headers -> one arena per device) -> read (a path per file) -> place (views)."""

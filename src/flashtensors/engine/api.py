@@ -1,0 +1,221 @@
+"""The engine's public entry points: load_file, load_state_dict, iter_tensors, load.
+
+plan (headers -> arena layout) -> read (a path per file) -> place (tensors as views into the arena).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from flashtensors.config import Settings, get_settings
+from flashtensors.engine import devices, pinned, readers
+from flashtensors.engine.plan import Checkpoint, FileRegion, Plan, make_plan, resolve_files
+from flashtensors.engine.sysio import DIRECT_ALIGN, align_down, residency
+from flashtensors.errors import ConfigError
+from flashtensors.format.safetensors import DTYPES, read_header
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, (_, attr) in DTYPES.items() if hasattr(torch, attr)
+}
+
+
+@dataclass
+class LoadStats:
+    """What a load did: bytes moved, wall time, and the read path each file took."""
+
+    nbytes: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class LoadResult:
+    tensors: dict[str, torch.Tensor]
+    stats: LoadStats
+
+
+def _choose(region: FileRegion, device: torch.device, forced: str, settings: Settings) -> str:
+    if device.type == "cuda" and pinned.lookup(region.path) is not None and forced in ("auto", "pinned-mmap"):
+        return "pinned"
+    if forced != "auto":
+        if forced == "pinned-mmap" and device.type == "cpu":
+            return "buffered"  # pinning only helps DMA; for a CPU destination it is a memcpy either way
+        return forced
+    warm = residency(region.path, region.file_start, region.file_end) >= settings.resident_fraction
+    if device.type == "cpu":
+        return "buffered" if warm else "direct"
+    return "pinned-mmap" if warm else "direct"
+
+
+def _split(regions: list[FileRegion], share: float) -> tuple[list[FileRegion], list[FileRegion]]:
+    """Cut each region at ``share`` of its bytes (on a 4096 boundary): (head part, tail part)."""
+    heads, tails = [], []
+    for r in regions:
+        cut = min(r.file_end, align_down(r.file_start + int(share * r.nbytes), DIRECT_ALIGN))
+        if cut > r.file_start:
+            heads.append(replace(r, file_end=cut))
+        if cut < r.file_end:
+            tails.append(replace(r, file_start=cut, arena_offset=r.arena_offset + cut - r.file_start))
+    return heads, tails
+
+
+def _read_warm_gpu(regions: list[FileRegion], arena: torch.Tensor, settings: Settings) -> None:
+    """Warm files to a GPU by two mechanisms at once, on disjoint byte ranges: the head of each file is
+    pinned in place and DMAed (bounded by page-pinning, ~40 GB/s), the tail is memcpy'd by threads into
+    the staging ring (bounded by host memcpy). They use different resources, so together they beat either.
+    """
+    pin, copy = _split(regions, settings.warm_pin_share)
+    if not copy:
+        readers.read_pinned_mmap(pin, arena, settings)
+        return
+    if not pin:
+        readers.read_through_ring(copy, arena, settings, direct=False)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-warm") as pool:
+        future = pool.submit(readers.read_through_ring, copy, arena, settings, False)
+        try:
+            readers.read_pinned_mmap(pin, arena, settings)
+        finally:
+            future.result()
+
+
+def _read(
+    plan: Plan, arena: torch.Tensor, device: torch.device, forced: str, settings: Settings
+) -> dict[str, str]:
+    chosen: dict[str, list[FileRegion]] = {}
+    for region in plan.regions:
+        chosen.setdefault(_choose(region, device, forced, settings), []).append(region)
+    used: dict[str, str] = {}
+    for path, regions in chosen.items():
+        if device.type == "cpu":
+            modes = readers.read_into_host(regions, arena, settings, direct=path == "direct")
+        elif path == "pinned":
+            readers.read_pinned(regions, arena, [pinned.lookup(r.path) for r in regions])
+            modes = ["pinned"] * len(regions)
+        elif path == "pinned-mmap" and forced == "pinned-mmap":
+            readers.read_pinned_mmap(regions, arena, settings)
+            modes = ["pinned-mmap"] * len(regions)
+        elif path == "pinned-mmap":
+            _read_warm_gpu(regions, arena, settings)
+            modes = ["warm"] * len(regions)
+        else:
+            modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
+        used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
+    return used
+
+
+def _place(plan: Plan, arena: torch.Tensor) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for p in plan.placements:
+        info = p.info
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ConfigError(f"this torch ({torch.__version__}) has no dtype for {info.dtype} ({info.name})")
+        if info.nbytes == 0:
+            out[info.name] = torch.empty(info.shape, dtype=dtype, device=arena.device)
+            continue
+        if p.offset != p.source:  # misaligned in the file: move to its aligned slot first
+            arena[p.offset : p.offset + info.nbytes].copy_(arena[p.source : p.source + info.nbytes])
+        out[info.name] = arena[p.offset : p.offset + info.nbytes].view(dtype).view(info.shape)
+    return out
+
+
+def load(
+    checkpoint: Checkpoint,
+    *,
+    device: str | int | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+    read_path: str | None = None,
+) -> LoadResult:
+    """Load every tensor of a checkpoint onto one device, with timing and the read paths used.
+
+    Args:
+        checkpoint: a safetensors file, a folder (``model.safetensors.index.json`` or every
+            ``*.safetensors``), a list of files, or a model id of the local store.
+        device: "cpu", "cuda", "cuda:N", an index or a torch.device.
+        dtype: convert floating-point tensors to this dtype after loading (others are kept).
+        read_path: force "direct", "pinned-mmap" or "buffered" (default: ``settings.read_path``, "auto",
+            which picks per file from page-cache residency).
+
+    Returns:
+        :class:`LoadResult` with ``tensors`` (name -> tensor) and ``stats``.
+
+    Raises:
+        FormatError: a file is not valid safetensors (checked before any data is read).
+        ModelNotFound: the checkpoint does not exist.
+        DeviceError: the device is unusable or has too little memory.
+    """
+    settings = get_settings()
+    forced = read_path or settings.read_path
+    if forced not in ("auto", "direct", "pinned-mmap", "buffered"):
+        raise ConfigError(f"read_path must be auto, direct, pinned-mmap or buffered, not {forced!r}")
+    dev = devices.resolve_device(device)
+    start = time.perf_counter()
+    plan = make_plan(resolve_files(checkpoint))
+    arena = devices.allocate_arena(plan.arena_size, dev)
+    paths = _read(plan, arena, dev, forced, settings)
+    tensors = _place(plan, arena)
+    if dtype is not None:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+    return LoadResult(tensors, LoadStats(plan.file_bytes, seconds, str(dev), paths))
+
+
+def load_state_dict(
+    checkpoint: Checkpoint,
+    *,
+    device: str | int | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+    read_path: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load a whole (sharded) checkpoint; see :func:`load` for the arguments.
+
+    Example:
+        >>> sd = ft.load_state_dict("path/to/Qwen3-8B", device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    return load(checkpoint, device=device, dtype=dtype, read_path=read_path).tensors
+
+
+def load_file(filename: str | os.PathLike[str], device: str | int = "cpu") -> dict[str, torch.Tensor]:
+    """Drop-in for ``safetensors.torch.load_file``: same arguments, same result.
+
+    Example:
+        >>> sd = ft.load_file("model.safetensors", device="cuda:0")  # doctest: +SKIP
+    """
+    if not Path(filename).is_file():
+        raise FileNotFoundError(f"No such file: {filename}")
+    return load([filename], device=device).tensors
+
+
+def iter_tensors(
+    checkpoint: Checkpoint,
+    *,
+    device: str | int | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` pairs, one file at a time (at most one file's arena alive at once
+    beyond what the caller keeps).
+
+    Example:
+        >>> for name, t in ft.iter_tensors("path/to/model", device="cuda"):  # doctest: +SKIP
+        ...     params[name].copy_(t)
+    """
+    files = resolve_files(checkpoint)
+    for f in files:  # every header is validated before the first byte of data is read
+        read_header(f)
+    for f in files:
+        yield from load([f], device=device, dtype=dtype).tensors.items()
