@@ -1,0 +1,1 @@
+"""Test helpers: a byte-level safetensors builder and comparison utilities (no engine code used here)."""

@@ -1,0 +1,154 @@
+"""Edges where readers go off by one: file sizes around page and chunk boundaries, empty shards, many
+shards, names in two shards, concurrent loads."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import flashtensors as ft
+from flashtensors.engine.api import load_file, load_state_dict
+from flashtensors.errors import FlashError
+from helpers.compare import assert_same, reference_load
+from helpers.stfile import Spec, build, expected_tensors, pack, random_spec, write
+
+PATHS = ["buffered", "direct", "pinned-mmap", "auto"]
+KiB = 1024
+CHUNK = 64 * KiB
+
+
+def _file_of_size(path: Path, total: int, seed: int) -> list[Spec]:
+    """A file of exactly ``total`` bytes: one U8 tensor filling whatever the header leaves."""
+    probe = build([random_spec("x", "U8", (1,), seed)])
+    data_start = 8 + struct.unpack("<Q", probe[:8])[0]
+    # The header's length does not depend on the tensor's size until the digits grow: iterate once.
+    for _ in range(3):
+        specs = [random_spec("x", "U8", (total - data_start,), seed)]
+        blob = build(specs)
+        data_start = 8 + struct.unpack("<Q", blob[:8])[0]
+        if len(blob) == total:
+            break
+    assert len(blob) == total
+    write(path, blob)
+    return specs
+
+
+SIZES = [4096 - 1, 4096, 4096 + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 3 * CHUNK + 4095, 5 * CHUNK + 4097]
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_file_sizes_around_boundaries(tmp_path: Path, read_path: str) -> None:
+    ft.configure(chunk_size=CHUNK, ring_size=4 * CHUNK)
+    for i, total in enumerate(SIZES):
+        path = tmp_path / f"size_{total}.safetensors"
+        specs = _file_of_size(path, total, seed=i)
+        assert_same(load_state_dict(path, read_path=read_path), expected_tensors(specs))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_header_ending_on_a_page_boundary(tmp_path: Path, read_path: str) -> None:
+    """The byte buffer starts exactly at 4096 (header padded to 4088 bytes)."""
+    specs = [random_spec("a", "BF16", (1000,), 1), random_spec("b", "U8", (5000,), 2)]
+    blob = build(specs)
+    n = struct.unpack("<Q", blob[:8])[0]
+    padded = struct.pack("<Q", 4088) + blob[8 : 8 + n] + b" " * (4088 - n) + blob[8 + n :]
+    path = write(tmp_path / "page.safetensors", padded)
+    assert_same(load_state_dict(path, read_path=read_path), expected_tensors(specs))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_shard_without_tensors_among_others(tmp_path: Path, read_path: str) -> None:
+    root = tmp_path / "ckpt"
+    a = [random_spec("a", "F32", (33,), 1)]
+    b = [random_spec("b", "I64", (7,), 2)]
+    write(root / "a.safetensors", build(a))
+    write(root / "b_empty.safetensors", pack({"__metadata__": {"format": "pt"}}))
+    write(root / "c.safetensors", build(b))
+    assert_same(load_state_dict(root, read_path=read_path), expected_tensors(a + b))
+
+
+@pytest.mark.parametrize("read_path", ["buffered", "direct"])
+def test_many_shards(tmp_path: Path, read_path: str) -> None:
+    root = tmp_path / "many"
+    specs = []
+    for i in range(60):
+        s = random_spec(f"s{i}.w", "BF16", (i + 1, 3), 100 + i)
+        write(root / f"shard-{i:03d}.safetensors", build([s]))
+        specs.append(s)
+    assert_same(load_state_dict(root, read_path=read_path), expected_tensors(specs))
+
+
+def test_name_in_two_shards_is_an_error(tmp_path: Path) -> None:
+    """Two shards that both define a tensor: which one wins would be an accident of file order."""
+    root = tmp_path / "dup"
+    write(root / "a.safetensors", build([random_spec("w", "F32", (2,), 1)]))
+    write(root / "b.safetensors", build([random_spec("w", "F32", (2,), 2)]))
+    with pytest.raises(FlashError) as info:
+        load_state_dict(root)
+    assert "a.safetensors" in info.value.message and "b.safetensors" in info.value.message
+
+
+def test_same_file_twice_in_a_list(misaligned_file: Path) -> None:
+    with pytest.raises(FlashError):
+        load_state_dict([misaligned_file, misaligned_file])
+
+
+def test_positional_device_like_safetensors(misaligned_file: Path) -> None:
+    assert_same(load_file(misaligned_file, "cpu"), reference_load(misaligned_file))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_concurrent_loads(tmp_path: Path, ring_file: Path, read_path: str) -> None:
+    """Four threads loading at once (a server loading several models): no shared buffer between them."""
+    ft.configure(chunk_size=CHUNK, ring_size=4 * CHUNK)
+    files = [ring_file]
+    expected = [reference_load(ring_file)]
+    for i in range(3):
+        specs = [random_spec(f"t{j}", "F16", (50_000 + 977 * j,), 1000 * i + j) for j in range(6)]
+        files.append(write(tmp_path / f"c{i}.safetensors", build(specs, data_start_mod8=i)))
+        expected.append(expected_tensors(specs))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda f: load_state_dict(f, read_path=read_path), files * 2))
+    for got, want in zip(results, expected * 2, strict=True):
+        assert_same(got, want)
+
+
+def test_symlinked_shards_in_an_odd_folder_name(index_dir: Path, tmp_path: Path) -> None:
+    """The HF cache layout: snapshot files are symlinks into a blobs folder."""
+    blobs = tmp_path / "blobs"
+    snap = tmp_path / "my model é" / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for f in index_dir.iterdir():
+        blob = blobs / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(blob)
+    for read_path in PATHS:
+        assert_same(load_state_dict(snap, read_path=read_path), reference_load(index_dir))
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_no_descriptor_or_thread_leaks(index_dir: Path, tmp_path: Path) -> None:
+    """Loads, failed loads and fallbacks leave no open files or reader threads behind."""
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    write(bad_dir / "a.safetensors", build([random_spec("a", "U8", (10,), 1)]))
+    write(bad_dir / "b.safetensors", build([random_spec("b", "U8", (10,), 2)])[:-1])
+    load_state_dict(index_dir)  # first use may start lazily created, long-lived things
+    fds, threads = _open_fds(), threading.active_count()
+    for read_path in PATHS:
+        for _ in range(3):
+            load_state_dict(index_dir, read_path=read_path)
+            with pytest.raises(FlashError):
+                load_state_dict(bad_dir, read_path=read_path)
+            list(ft.iter_tensors(index_dir))
+    assert _open_fds() == fds
+    assert threading.active_count() == threads

@@ -1,0 +1,208 @@
+"""The differential tests on a CUDA device, each read path forced on its own (skipped without CUDA).
+
+Results are copied back with ``.cpu()`` and compared bit for bit with safetensors loading on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashtensors as ft
+from flashtensors.engine.api import iter_tensors, load, load_file, load_state_dict
+from helpers.compare import assert_same, drop_from_cache, reference_load
+from helpers.nodirect import NoDirect
+from helpers.stfile import build, expected_tensors, random_spec, write
+
+pytestmark = pytest.mark.gpu
+
+PATHS = ["buffered", "direct", "pinned-mmap", "auto"]
+DEV = "cuda:0"
+
+
+def _on_device(sd: dict[str, torch.Tensor]) -> None:
+    for name, t in sd.items():
+        assert t.device == torch.device(DEV), f"{name} on {t.device}"
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_every_dtype(all_dtypes_file: Path, read_path: str) -> None:
+    sd = load_state_dict(all_dtypes_file, device=DEV, read_path=read_path)
+    _on_device(sd)
+    assert_same(sd, reference_load(all_dtypes_file), device=DEV)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_misaligned(misaligned_file: Path, read_path: str) -> None:
+    sd = load_state_dict(misaligned_file, device=DEV, read_path=read_path)
+    assert_same(sd, reference_load(misaligned_file), device=DEV)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_shards(index_dir: Path, plain_shards_dir: Path, read_path: str) -> None:
+    assert_same(
+        load_state_dict(index_dir, device=DEV, read_path=read_path), reference_load(index_dir), device=DEV
+    )
+    assert_same(
+        load_state_dict(plain_shards_dir, device=DEV, read_path=read_path),
+        reference_load(plain_shards_dir),
+        device=DEV,
+    )
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_file_larger_than_ring(ring_file: Path, read_path: str) -> None:
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    assert_same(
+        load_state_dict(ring_file, device=DEV, read_path=read_path), reference_load(ring_file), device=DEV
+    )
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_cold_file_larger_than_ring(ring_file: Path, tmp_path: Path, read_path: str) -> None:
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    cold = tmp_path / "cold.safetensors"
+    shutil.copyfile(ring_file, cold)
+    if not drop_from_cache(cold):
+        pytest.skip("cannot make the file cold here")
+    assert_same(load_state_dict(cold, device=DEV, read_path=read_path), reference_load(ring_file), device=DEV)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_real_model(qwen3_dir: Path, read_path: str) -> None:
+    assert_same(
+        load_state_dict(qwen3_dir, device=DEV, read_path=read_path), reference_load(qwen3_dir), device=DEV
+    )
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_dtype_conversion(all_dtypes_file: Path, read_path: str) -> None:
+    # The reference casts on the GPU too: CPU and GPU casts may write different NaN payloads.
+    ref = {
+        k: (v.to(DEV).to(torch.bfloat16) if v.is_floating_point() else v)
+        for k, v in reference_load(all_dtypes_file).items()
+    }
+    got = load_state_dict(all_dtypes_file, device=DEV, dtype=torch.bfloat16, read_path=read_path)
+    assert_same(got, ref, device=DEV)
+
+
+@pytest.mark.parametrize("device", [DEV, 0, torch.device(DEV)], ids=["str", "int", "torch.device"])
+def test_load_file_device_forms(misaligned_file: Path, device: object) -> None:
+    sd = load_file(misaligned_file, device=device)  # type: ignore[arg-type]
+    _on_device(sd)
+    assert_same(sd, reference_load(misaligned_file), device=DEV)
+
+
+def test_iter_tensors(index_dir: Path) -> None:
+    pairs = list(iter_tensors(index_dir, device=DEV))
+    assert len({n for n, _ in pairs}) == len(pairs)
+    assert_same(dict(pairs), reference_load(index_dir), device=DEV)
+
+
+def test_stats(ring_file: Path) -> None:
+    result = load(ring_file, device=DEV)
+    assert result.stats.nbytes > 0 and result.stats.seconds > 0
+    assert set(result.stats.paths.values()) <= {"direct", "pinned-mmap", "buffered"}
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_two_loads_are_independent(ring_file: Path, read_path: str) -> None:
+    first = load_state_dict(ring_file, device=DEV, read_path=read_path)
+    second = load_state_dict(ring_file, device=DEV, read_path=read_path)
+    for t in first.values():
+        t.reshape(-1).view(torch.uint8).fill_(0xA5)
+    assert_same(second, reference_load(ring_file), device=DEV)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_results_outlive_the_loader(ring_file: Path, tmp_path: Path, read_path: str) -> None:
+    """After the loader is gone and the same small ring carried another file, the first tensors hold."""
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    result = load(ring_file, device=DEV, read_path=read_path)
+    tensors = result.tensors
+    del result
+    gc.collect()
+    other_specs = [random_spec(f"o{i}", "U8", (300_000,), 555 + i) for i in range(10)]
+    other = write(tmp_path / "other.safetensors", build(other_specs))
+    assert_same(
+        load_state_dict(other, device=DEV, read_path=read_path), expected_tensors(other_specs), device=DEV
+    )
+    gc.collect()
+    torch.cuda.synchronize()
+    assert_same(tensors, reference_load(ring_file), device=DEV)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_results_survive_the_file_changing(misaligned_file: Path, tmp_path: Path, read_path: str) -> None:
+    path = tmp_path / "m.safetensors"
+    shutil.copyfile(misaligned_file, path)
+    sd = load_state_dict(path, device=DEV, read_path=read_path)
+    header_end = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:
+        f.seek(header_end)
+        f.write(b"\x11" * (path.stat().st_size - header_end))
+    torch.cuda.synchronize()
+    assert_same(sd, reference_load(misaligned_file), device=DEV)
+
+
+def test_values_usable_on_device(misaligned_file: Path) -> None:
+    """Kernels run on the returned tensors (a misaligned device pointer would fault or read wrong)."""
+    sd = load_file(misaligned_file, device=DEV)
+    ref = reference_load(misaligned_file)
+    for name, t in sd.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(t.double().cpu(), ref[name].double(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_concurrent_loads(ring_file: Path, misaligned_file: Path, tmp_path: Path, read_path: str) -> None:
+    """Several threads loading at once must not share staging slots or pinned ranges."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    specs = [random_spec(f"t{j}", "BF16", (70_001 + j,), 3000 + j) for j in range(8)]
+    other = write(tmp_path / "other.safetensors", build(specs, data_start_mod8=3))
+    files = [ring_file, other, misaligned_file, ring_file]  # the same file twice, too
+    expected = [reference_load(ring_file), expected_tensors(specs), reference_load(misaligned_file)]
+    expected.append(expected[0])
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda f: load_state_dict(f, device=DEV, read_path=read_path), files * 2))
+    for got, want in zip(results, expected * 2, strict=True):
+        assert_same(got, want, device=DEV)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_load_waits_for_work_queued_on_recycled_memory(ring_file: Path, read_path: str) -> None:
+    """Memory the caching allocator hands to the load may still be read by a kernel queued on the
+    current stream; copies on side streams must wait for that stream, or the kernel reads weights."""
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    # One free 12 MiB segment (nothing else cached) is where the ~4 MB arena must come from.
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    size = 12 << 20
+    victim = torch.full((size,), 7, dtype=torch.uint8, device=DEV)
+    torch.cuda.synchronize()
+    lo, hi = victim.data_ptr(), victim.data_ptr() + size
+    torch.cuda._sleep(500_000_000)  # keep the stream busy (~0.3 s) so the clone below runs late
+    witness = victim.clone()  # queued behind the sleep: reads victim's memory after the load started
+    del victim  # back to the allocator, reusable at once by anything on this stream
+    sd = load_state_dict(ring_file, device=DEV, read_path=read_path)
+    reused = any(lo <= t.data_ptr() < hi for t in sd.values() if t.numel())
+    torch.cuda.synchronize()
+    if not reused:
+        pytest.skip("the allocator did not recycle the freed block for this load")
+    assert bool((witness == 7).all()), "a kernel queued before the load read bytes the load wrote"
+    assert_same(sd, reference_load(ring_file), device=DEV)
+
+
+@pytest.mark.parametrize("at_open", [True, False], ids=["open_refused", "reads_refused"])
+def test_direct_falls_back_cleanly(ring_file: Path, monkeypatch: pytest.MonkeyPatch, at_open: bool) -> None:
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    NoDirect(monkeypatch, at_open)
+    result = load(ring_file, device=DEV, read_path="direct")
+    assert_same(result.tensors, reference_load(ring_file), device=DEV)
+    assert set(result.stats.paths.values()) == {"buffered"}

@@ -1,0 +1,144 @@
+"""Each read path forced on its own gives the reference bytes: buffered, direct, pinned-mmap, auto.
+
+The ring tests shrink the staging ring (64 KiB chunks, 256 KiB ring) so a ~3 MB file wraps it many times,
+tensors straddle chunk edges and one tensor is four rings long.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+import flashtensors as ft
+from flashtensors.engine.api import load, load_file, load_state_dict
+from flashtensors.errors import ConfigError
+from helpers.compare import assert_same, drop_from_cache, reference_load
+from helpers.nodirect import NoDirect
+
+PATHS = ["buffered", "direct", "pinned-mmap", "auto"]
+CONCRETE = {"direct", "pinned-mmap", "buffered"}
+KiB = 1024
+
+
+def _direct_works(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.fixture
+def small_ring() -> None:
+    ft.configure(chunk_size=64 * KiB, ring_size=256 * KiB)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_every_dtype(all_dtypes_file: Path, read_path: str) -> None:
+    assert_same(load_state_dict(all_dtypes_file, read_path=read_path), reference_load(all_dtypes_file))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_misaligned(misaligned_file: Path, read_path: str) -> None:
+    assert_same(load_state_dict(misaligned_file, read_path=read_path), reference_load(misaligned_file))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_shards(index_dir: Path, read_path: str) -> None:
+    assert_same(load_state_dict(index_dir, read_path=read_path), reference_load(index_dir))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_file_larger_than_ring(ring_file: Path, small_ring: None, read_path: str) -> None:
+    assert ring_file.stat().st_size > 10 * ft.get_settings().ring_size
+    assert_same(load_state_dict(ring_file, read_path=read_path), reference_load(ring_file))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_cold_file_larger_than_ring(
+    ring_file: Path, tmp_path: Path, small_ring: None, read_path: str
+) -> None:
+    """The same, with the file out of the page cache first (the case O_DIRECT exists for)."""
+    cold = tmp_path / "cold.safetensors"
+    shutil.copyfile(ring_file, cold)
+    if not drop_from_cache(cold):
+        pytest.skip("this filesystem keeps the file cached (cannot make it cold)")
+    assert_same(load_state_dict(cold, read_path=read_path), reference_load(ring_file))
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_read_path_from_settings(misaligned_file: Path, read_path: str) -> None:
+    """configure(read_path=...) applies to load_file, which has no read_path argument."""
+    ft.configure(read_path=read_path)
+    assert_same(load_file(misaligned_file), reference_load(misaligned_file))
+
+
+def test_read_path_from_environment(ring_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_READ_PATH", "buffered")
+    ft.config.reset_settings()
+    result = load(ring_file)
+    assert_same(result.tensors, reference_load(ring_file))
+    assert set(result.stats.paths.values()) == {"buffered"}
+
+
+def test_forced_buffered_is_reported(index_dir: Path) -> None:
+    result = load(index_dir, read_path="buffered")
+    assert set(result.stats.paths.values()) == {"buffered"}
+
+
+def test_forced_direct_is_used_where_the_filesystem_allows_it(ring_file: Path, small_ring: None) -> None:
+    """Forcing direct on a filesystem that takes O_DIRECT must really use it, or the other tests of the
+    direct path test nothing."""
+    if not _direct_works(ring_file):
+        pytest.skip("O_DIRECT refused here")
+    result = load(ring_file, read_path="direct")
+    assert_same(result.tensors, reference_load(ring_file))
+    assert set(result.stats.paths.values()) == {"direct"}
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_stats_name_a_concrete_path(misaligned_file: Path, read_path: str) -> None:
+    result = load(misaligned_file, read_path=read_path)
+    assert list(result.stats.paths.values())[0] in CONCRETE
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+@pytest.mark.parametrize("read_path", PATHS)
+def test_tmpfs(ring_file: Path, small_ring: None, read_path: str) -> None:
+    """tmpfs may refuse O_DIRECT (older kernels) or take it (6.6+): either way the values are right."""
+    shm = Path("/dev/shm") / f"flashtensors-test-{uuid.uuid4().hex}.safetensors"
+    shutil.copyfile(ring_file, shm)
+    try:
+        result = load(shm, read_path=read_path)
+        assert_same(result.tensors, reference_load(ring_file))
+        assert set(result.stats.paths.values()) <= CONCRETE
+    finally:
+        shm.unlink()
+
+
+def test_unknown_read_path(misaligned_file: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_state_dict(misaligned_file, read_path="mmap")
+    with pytest.raises(ConfigError):
+        ft.configure(read_path="fast")
+
+
+def test_tiny_chunks_many_shards(index_dir: Path) -> None:
+    """The smallest legal ring (two 4 KiB chunks) over several shards, with the direct path."""
+    ft.configure(chunk_size=4 * KiB, ring_size=8 * KiB)
+    assert_same(load_state_dict(index_dir, read_path="direct"), reference_load(index_dir))
+
+
+@pytest.mark.parametrize("at_open", [True, False], ids=["open_refused", "reads_refused"])
+def test_direct_falls_back_cleanly(
+    ring_file: Path, small_ring: None, monkeypatch: pytest.MonkeyPatch, at_open: bool
+) -> None:
+    NoDirect(monkeypatch, at_open)
+    result = load(ring_file, read_path="direct")
+    assert_same(result.tensors, reference_load(ring_file))
+    assert set(result.stats.paths.values()) == {"buffered"}
