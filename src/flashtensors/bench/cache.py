@@ -1,0 +1,133 @@
+"""Put the page cache in a known state before a timed load: empty (cold) or holding the files (warm)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from flashtensors.errors import ConfigError
+
+CHUNK = 16 * 1024**2
+CACHE_DROP_METHODS = ("auto", "drop_caches", "fadvise")
+
+
+def drop_cache(files: Sequence[str | Path], method: str = "auto") -> str:
+    """Evict ``files`` from the page cache.
+
+    ``drop_caches`` empties the whole cache (needs root, and is what BENCH.md asks for); ``fadvise`` asks
+    the kernel to drop the pages of each file (``POSIX_FADV_DONTNEED``), which works unprivileged for
+    clean pages. ``auto`` tries the first and falls back to the second.
+
+    Args:
+        files: the checkpoint files.
+        method: ``auto``, ``drop_caches`` or ``fadvise``.
+
+    Returns:
+        The method that was used: ``drop_caches`` or ``fadvise``.
+
+    Raises:
+        ConfigError: an unknown method, or ``drop_caches`` asked for and refused.
+
+    Example:
+        >>> drop_cache(["model-00001-of-00002.safetensors"], "fadvise")  # doctest: +SKIP
+        'fadvise'
+    """
+    if method not in CACHE_DROP_METHODS:
+        raise ConfigError(f"unknown cache-drop method {method!r}; known: {', '.join(CACHE_DROP_METHODS)}")
+    os.sync()  # dirty pages cannot be dropped: write them back first
+    if method in ("auto", "drop_caches"):
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return "drop_caches"
+        except OSError as exc:
+            if method == "drop_caches":
+                raise ConfigError(
+                    f"cannot write /proc/sys/vm/drop_caches ({exc.strerror})",
+                    hint="run as root, or use `--cache-drop fadvise`",
+                ) from exc
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "fadvise"
+
+
+def chunks(files: Sequence[str | Path], limit: int | None = None) -> list[tuple[str, int, int]]:
+    """Split files into ``(path, offset, length)`` reads of :data:`CHUNK` bytes, at most ``limit`` in all."""
+    out: list[tuple[str, int, int]] = []
+    total = 0
+    for path in files:
+        size = os.path.getsize(path)
+        for offset in range(0, size, CHUNK):
+            length = min(CHUNK, size - offset)
+            if limit is not None and total + length > limit:
+                return out if out else [(str(path), offset, min(length, limit))]
+            out.append((str(path), offset, length))
+            total += length
+    return out
+
+
+def parallel_read(work: list[tuple[str, int, int]], threads: int, *, direct: bool = False) -> int:
+    """Read every ``(path, offset, length)`` with ``threads`` threads into scratch buffers; returns bytes.
+
+    With ``direct``, files are opened with ``O_DIRECT`` and reads use page-aligned buffers and lengths
+    rounded up to 4 KiB (a short read at the end of a file is normal).
+
+    Raises:
+        OSError: the read failed (``EINVAL`` from ``open`` when the filesystem refuses O_DIRECT).
+    """
+    import mmap
+
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds: dict[str, int] = {}
+    for path, _, _ in work:
+        if path not in fds:
+            fds[path] = os.open(path, flags)
+    lock = threading.Lock()
+    queue: Iterator[tuple[str, int, int]] = iter(work)
+    totals: list[int] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        buf = mmap.mmap(-1, CHUNK)  # anonymous mmap: page aligned, as O_DIRECT requires
+        done = 0
+        try:
+            while True:
+                with lock:
+                    item = next(queue, None)
+                if item is None:
+                    break
+                path, offset, length = item
+                want = (length + 4095) & ~4095 if direct else length
+                view = memoryview(buf)[:want]
+                done += min(os.preadv(fds[path], [view], offset), length)
+                view.release()
+        except BaseException as exc:  # surfaced in the caller's thread below
+            errors.append(exc)
+        finally:
+            buf.close()
+            totals.append(done)
+
+    try:
+        pool = [threading.Thread(target=run, daemon=True) for _ in range(max(1, threads))]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if errors:
+        raise errors[0]
+    return sum(totals)
+
+
+def warm_cache(files: Sequence[str | Path], threads: int = 8) -> int:
+    """Read ``files`` once through the page cache (like ``cat f > /dev/null``); returns the bytes read."""
+    return parallel_read(chunks(files), threads)

@@ -1,0 +1,226 @@
+"""The physical limits a load is compared against, measured on the same files in the same run.
+
+* disk: raw ``O_DIRECT`` reads of the checkpoint, 16 MiB each, best of 1/4/8/16 threads, cache dropped;
+* page cache: buffered reads of the same bytes once they are cached, best of several thread counts;
+* pinned host->GPU copy of >= 2 GiB, timed with CUDA events (GPU only);
+* host memcpy of a large buffer (the hot/warm ceiling on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flashtensors.bench.cache import chunks, drop_cache, parallel_read, warm_cache
+
+DISK_THREADS = (1, 4, 8, 16)
+PAGE_CACHE_THREADS = (4, 8, 16)
+GiB = 1024**3
+
+
+def _best_gbps(fn: Any, repeats: int) -> tuple[float, list[float]]:
+    """Run ``fn() -> (bytes, seconds)`` ``repeats`` times; best GB/s and every figure."""
+    figures = []
+    for _ in range(repeats):
+        nbytes, seconds = fn()
+        figures.append(nbytes / seconds / 1e9 if seconds > 0 else 0.0)
+    return max(figures), figures
+
+
+def disk_bandwidth(files: Sequence[str | Path], limit: int, cache_drop: str = "auto") -> dict[str, Any]:
+    """Raw O_DIRECT read bandwidth of ``files`` (first ``limit`` bytes), best over thread counts.
+
+    Returns:
+        ``{"gbps": best, "threads": {n: gbps}, "bytes": read, "method": "O_DIRECT" | "buffered-after-drop",
+        "cache_drop": method}``; where the filesystem refuses O_DIRECT (tmpfs), buffered reads right after a
+        cache drop stand in and ``method`` says so.
+    """
+    work = chunks(files, limit)
+    result: dict[str, Any] = {"threads": {}, "method": "O_DIRECT"}
+    direct = True
+    for n in DISK_THREADS:
+        result["cache_drop"] = drop_cache(files, cache_drop)
+        t0 = time.perf_counter()
+        try:
+            got = parallel_read(work, n, direct=direct)
+        except OSError as exc:
+            if not direct:
+                raise
+            direct = False
+            result["method"] = "buffered-after-drop"
+            result["note"] = f"O_DIRECT refused ({exc.strerror}); buffered reads after a cache drop instead"
+            drop_cache(files, cache_drop)
+            t0 = time.perf_counter()
+            got = parallel_read(work, n)
+        seconds = time.perf_counter() - t0
+        result["threads"][str(n)] = got / seconds / 1e9
+        result["bytes"] = got
+    result["gbps"] = max(result["threads"].values())
+    return result
+
+
+def page_cache_bandwidth(files: Sequence[str | Path], limit: int) -> dict[str, Any]:
+    """Buffered read bandwidth of bytes already in the page cache, best over thread counts."""
+    work = chunks(files, limit)
+    warm_cache([p for p in {w[0] for w in work}])
+    result: dict[str, Any] = {"threads": {}}
+    for n in PAGE_CACHE_THREADS:
+        best, _ = _best_gbps(lambda n=n: _timed(lambda: parallel_read(work, n)), 2)
+        result["threads"][str(n)] = best
+    result["gbps"] = max(result["threads"].values())
+    result["bytes"] = sum(w[2] for w in work)
+    return result
+
+
+def _timed(fn: Any) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    nbytes = fn()
+    return nbytes, time.perf_counter() - t0
+
+
+def memcpy_bandwidth(nbytes: int = GiB) -> dict[str, Any]:
+    """Host memcpy (torch ``copy_``, its own threads) of ``nbytes``; bytes copied per second."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)  # zeros: pages faulted in before the clock
+
+    def once() -> tuple[int, float]:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return nbytes, time.perf_counter() - t0
+
+    once()
+    best, figures = _best_gbps(once, 3)
+    return {"gbps": best, "runs": figures, "bytes": nbytes}
+
+
+def h2d_bandwidth(nbytes: int = 2 * GiB, device: str = "cuda") -> dict[str, Any]:
+    """Pinned host -> GPU copy of ``nbytes``, timed with CUDA events; best of 3 after a warm-up."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once() -> tuple[int, float]:
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return nbytes, start.elapsed_time(end) / 1e3
+
+    once()
+    best, figures = _best_gbps(once, 3)
+    return {"gbps": best, "runs": figures, "bytes": nbytes}
+
+
+def _filesystem(path: Path) -> str:
+    """The filesystem type holding ``path`` (longest matching mount point in /proc/mounts)."""
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mount = parts[1]
+                if str(path).startswith(mount) and len(mount) > len(best):
+                    best, fstype = mount, f"{parts[2]} ({parts[0]} on {mount})"
+    except OSError:
+        pass
+    return fstype
+
+
+def machine_info(device: str, checkpoint: Path) -> dict[str, Any]:
+    """What the figures were measured on: card, torch, CPU, memory, filesystem, date."""
+    import torch
+
+    import flashtensors
+
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "flashtensors": flashtensors.__version__,
+        "kernel": platform.release(),
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "filesystem": _filesystem(checkpoint.resolve()),
+    }
+    try:
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_bytes"] = pages * page
+    except (ValueError, OSError):
+        pass
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = props.name
+        info["gpu_memory_bytes"] = props.total_memory
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def measure_limits(
+    files: Sequence[str | Path],
+    *,
+    device: str,
+    limit_bytes: int,
+    h2d_bytes: int = 2 * GiB,
+    memcpy_bytes: int = GiB,
+    cache_drop: str = "auto",
+) -> dict[str, Any]:
+    """Every limit for ``device`` on ``files``; each entry has a ``gbps`` (or ``error`` if it failed).
+
+    Args:
+        files: the checkpoint's safetensors files.
+        device: ``cpu`` or ``cuda[:N]``.
+        limit_bytes: read at most this many bytes of the files per disk/page-cache measurement.
+        h2d_bytes: size of the pinned host->GPU copy.
+        memcpy_bytes: size of the host memcpy.
+        cache_drop: how to empty the page cache before disk reads (see :func:`drop_cache`).
+
+    Returns:
+        ``{"disk": {...}, "page_cache": {...}, "memcpy": {...}, "h2d_pinned": {...}}`` (no h2d on CPU).
+    """
+    out: dict[str, Any] = {}
+    steps: list[tuple[str, Any]] = [
+        ("disk", lambda: disk_bandwidth(files, limit_bytes, cache_drop)),
+        ("page_cache", lambda: page_cache_bandwidth(files, limit_bytes)),
+        ("memcpy", lambda: memcpy_bandwidth(memcpy_bytes)),
+    ]
+    if device.startswith("cuda"):
+        steps.append(("h2d_pinned", lambda: h2d_bandwidth(h2d_bytes, device)))
+    for name, step in steps:
+        try:
+            out[name] = step()
+        except Exception as exc:  # one failed measurement must not hide the others
+            out[name] = {"gbps": None, "error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def limit_for(scenario: str, limits: dict[str, Any], device: str) -> tuple[float | None, str]:
+    """The ceiling a scenario is compared with, and its name.
+
+    cold: the disk's O_DIRECT rate; warm: min(page cache, PCIe) on GPU, min(page cache, memcpy) on CPU;
+    hot: pinned PCIe on GPU, memcpy on CPU; e2e: the cold/warm rule does not apply (None).
+    """
+
+    def gbps(key: str) -> float | None:
+        value = limits.get(key, {}).get("gbps")
+        return float(value) if value else None
+
+    link = "h2d_pinned" if device.startswith("cuda") else "memcpy"
+    if scenario == "cold":
+        return gbps("disk"), "disk"
+    if scenario == "warm":
+        pair = [(v, k) for k, v in ((link, gbps(link)), ("page_cache", gbps("page_cache"))) if v]
+        return min(pair) if pair else (None, "")
+    if scenario == "hot":
+        return gbps(link), link
+    return None, ""

@@ -1,0 +1,170 @@
+"""Turn a raw bench report into medians, ratios to the limits, and a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from flashtensors.bench.limits import limit_for
+
+BASELINE = {"cold": "safetensors", "warm": "safetensors", "hot": "safetensors", "e2e": "transformers"}
+
+
+def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (scenario, loader): median seconds, GB/s, ratio to the limit, speed-up, status.
+
+    GB/s is the checkpoint's tensor bytes over the median time. The limit is the scenario's ceiling
+    (see :func:`flashtensors.bench.limits.limit_for`); the speed-up is the baseline's median over this one
+    (baseline: safetensors, or transformers for e2e).
+
+    Returns:
+        Rows in run order, skipped pairs included with status ``skipped``.
+    """
+    nbytes = report["checkpoint"]["bytes"]
+    device = report["options"]["device"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in report["runs"]:
+        groups.setdefault((run["scenario"], run["loader"]), []).append(run)
+    medians: dict[tuple[str, str], float] = {}
+    rows: list[dict[str, Any]] = []
+    for (scenario, loader), runs in groups.items():
+        timed = [r["seconds"] for r in runs if r.get("status") in ("ok", "FAIL")]
+        statuses = {r["status"] for r in runs}
+        status = "FAIL" if "FAIL" in statuses else "error" if not timed else "ok"
+        row: dict[str, Any] = {"scenario": scenario, "loader": loader, "runs": len(timed), "status": status}
+        notes = {r.get("hot") or "" for r in runs} - {""}
+        if timed and "error" in statuses:
+            notes.add(f"{len(runs) - len(timed)} of {len(runs)} runs failed: " + _first_error(runs))
+        if not timed:
+            row["note"] = _first_error(runs)
+        else:
+            median = statistics.median(timed)
+            medians[(scenario, loader)] = median
+            row.update(seconds=median, gbps=nbytes / median / 1e9, all_seconds=timed)
+            limit, limit_name = limit_for(scenario, report.get("limits") or {}, device)
+            if limit:
+                row.update(limit=limit_name, limit_gbps=limit, ratio=row["gbps"] / limit)
+            if scenario == "e2e":
+                ok = [r for r in runs if "first_token_seconds" in r]
+                row["load_seconds"] = statistics.median(r["load_seconds"] for r in ok)
+                row["first_token_seconds"] = statistics.median(r["first_token_seconds"] for r in ok)
+                notes.add(
+                    f"load {row['load_seconds']:.3f} s + first token {row['first_token_seconds']:.3f} s"
+                )
+            if notes:
+                row["note"] = "; ".join(sorted(notes))
+        rows.append(row)
+    for row in rows:
+        base = medians.get((row["scenario"], BASELINE[row["scenario"]]))
+        if base and "seconds" in row:
+            row["speedup"] = base / row["seconds"]
+    rows += [
+        {"scenario": s["scenario"], "loader": s["loader"], "status": "skipped", "note": s["note"]}
+        for s in report.get("skipped", [])
+    ]
+    return rows
+
+
+def _first_error(runs: list[dict[str, Any]]) -> str:
+    return next((r["error"] for r in runs if r.get("error")), "")
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The summary as an aligned text table (or a Markdown table)."""
+    head = ["scenario", "loader", "median s", "GB/s", "limit", "of limit", "speed-up", "check", "runs"]
+    lines = []
+    for r in rows:
+        limit = f"{r['limit']} {r['limit_gbps']:.2f}" if r.get("limit") else "—"
+        lines.append(
+            [
+                r["scenario"],
+                r["loader"],
+                _fmt(r.get("seconds"), ".3f"),
+                _fmt(r.get("gbps"), ".2f"),
+                limit,
+                _fmt(r.get("ratio") and 100 * r["ratio"], ".0f", "%"),
+                _fmt(r.get("speedup"), ".2f", "x"),
+                r["status"],
+                str(r.get("runs", "")),
+            ]
+        )
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    else:
+        widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+        out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in lines]
+    notes = [f"  {r['scenario']} {r['loader']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        out += ["", "notes:", *notes]
+    return "\n".join(out)
+
+
+def format_header(report: dict[str, Any]) -> str:
+    """Checkpoint, machine and limits, a few lines above the table."""
+    ck, m, lim = report["checkpoint"], report.get("machine") or {}, report.get("limits") or {}
+    shape = ck.get("shape", {}).get("name", "")
+    lines = [
+        f"checkpoint: {ck['directory']} {shape} ({ck['bytes'] / 1e9:.2f} GB, {ck['tensors']} tensors, "
+        f"{len(ck['files'])} files)",
+    ]
+    if m:
+        where = m.get("gpu") or m.get("cpu", "")
+        lines.append(
+            f"machine: {where}, torch {m.get('torch')}, {m.get('cpu_count')} CPUs, "
+            f"{m.get('filesystem', '')}, {m.get('date')}"
+        )
+    parts = []
+    for key, label in (
+        ("disk", "disk"),
+        ("page_cache", "page cache"),
+        ("memcpy", "memcpy"),
+        ("h2d_pinned", "pinned H2D"),
+    ):
+        entry = lim.get(key)
+        if entry is None:
+            continue
+        if entry.get("gbps") is None:
+            parts.append(f"{label} n/a ({entry.get('error', '')})")
+            continue
+        extra = f" {entry['method']}" if key == "disk" and entry.get("method") != "O_DIRECT" else ""
+        if "threads" in entry:
+            best = max(entry["threads"], key=lambda k: entry["threads"][k])
+            extra += f" ({best} threads)"
+        parts.append(f"{label} {entry['gbps']:.2f} GB/s{extra}")
+    if lim.get("error"):
+        parts.append(f"limits failed: {lim['error']}")
+    if parts:
+        lines.append("limits: " + ", ".join(parts))
+    caches = sorted({r["cache"] for r in report["runs"] if r.get("scenario") == "cold" and r.get("cache")})
+    if caches:
+        lines.append(
+            "cold cache: "
+            + ", ".join(caches)
+            + (" (per-file posix_fadvise DONTNEED: drop_caches refused)" if caches == ["fadvise"] else "")
+        )
+    repeats = report["options"]["repeat"]
+    if repeats < 3:
+        lines.append(f"note: median of {repeats} run(s); BENCH.md asks for at least 3")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, report: dict[str, Any]) -> None:
+    """Write the report atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,189 @@
+"""One timed measurement in a fresh process: ``python -m flashtensors.bench.worker SPEC_JSON``.
+
+The runner starts one worker per (loader, scenario, repeat), so no run inherits a warm allocator, a pinned
+buffer or an imported library from another. Before the clock: imports, the CUDA context, the cache state
+of the scenario. The clock stops when every tensor is resident on the device and the device is
+synchronized. The worker prints one line, ``RESULT_PREFIX`` + JSON, on stdout.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flashtensors.bench.cache import drop_cache, warm_cache
+from flashtensors.bench.checksum import digests
+from flashtensors.bench.loaders import LOADERS, Target, import_loader, resident
+
+RESULT_PREFIX = "FLASHBENCH-RESULT "
+PROMPT = "The quick brown fox"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory(device: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        out["gpu_used_bytes"] = total - free  # the whole device, the CUDA context included
+        out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _init_device(device: str) -> None:
+    """Create the CUDA context now, so that no timed call pays for it."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.init()
+        torch.empty(1, device=device)
+        torch.cuda.synchronize()
+
+
+def _prepare(spec: dict[str, Any], target: Target) -> dict[str, Any]:
+    """Bring the page cache (and the RAM tier, for hot) into the scenario's state; say how."""
+    scenario, loader, device = spec["scenario"], spec["loader"], spec["device"]
+    files = list(target.files)
+    if scenario == "cold":
+        return {"cache": drop_cache(files, spec.get("cache_drop", "auto"))}
+    warm_cache(files)
+    if scenario != "hot":
+        return {"cache": "warm"}
+    if loader == "flashtensors" and device.startswith("cuda"):
+        import flashtensors as ft
+
+        need = int(sum(os.path.getsize(f) for f in files) * 1.05)
+        ft.configure(mem_pool_size=max(need, ft.get_settings().mem_pool_size))
+        pinned: list[str | os.PathLike[str]] = list(files)
+        ft.pin(pinned)
+        return {"cache": "warm", "hot": "files pinned in the RAM tier (ft.pin) before the clock"}
+    state = LOADERS[loader].load(target, device)
+    resident(state, device)
+    del state
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()  # the timed load pays for its device memory, as in the other scenarios
+    why = "pinning serves GPU loads only" if loader == "flashtensors" else "no RAM tier for this loader"
+    return {"cache": "warm", "hot": f"second load in the same process ({why})"}
+
+
+def _e2e(spec: dict[str, Any], target: Target) -> tuple[dict[str, Any], Any]:
+    """Time load + first generated token; returns figures and a state dict to checksum (or None)."""
+    import torch
+
+    loader, device = spec["loader"], spec["device"]
+    t0 = time.perf_counter()
+    if loader == "transformers":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(target.directory), device_map=device, dtype="auto")
+        _sync(device)
+        t_load = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(str(target.directory))
+        ids = tok(PROMPT, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=1, do_sample=False)
+        _sync(device)
+        t1 = time.perf_counter()
+        tokens = int(out.shape[-1] - ids["input_ids"].shape[-1])
+        state = model.state_dict()
+    else:
+        from flashtensors.models import load_model  # what ft.load_model resolves to
+
+        llm = load_model(model_id=str(target.directory), backend="transformers", dtype="auto", device=device)
+        _sync(device)
+        t_load = time.perf_counter()
+        outputs = llm.generate([PROMPT], max_tokens=1, temperature=0.0)
+        _sync(device)
+        t1 = time.perf_counter()
+        tokens = len(outputs[0].outputs[0].token_ids)
+        state = llm.model.state_dict()
+    figures = {
+        "seconds": t1 - t0,
+        "load_seconds": t_load - t0,
+        "first_token_seconds": t1 - t_load,
+        "generated_tokens": tokens,
+    }
+    return figures, state
+
+
+def run_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (loader, scenario) load as ``spec`` describes; returns the result record."""
+    device = spec["device"]
+    _init_device(device)
+    target = Target(Path(spec["directory"]), tuple(Path(f) for f in spec["files"]))
+    import_loader(spec["loader"], target, spec["scenario"])
+    result: dict[str, Any] = {"loader": spec["loader"], "scenario": spec["scenario"], "device": device}
+    result.update(_prepare(spec, target))
+    gc.collect()
+    result["rss_before_bytes"] = _rss()
+    if spec["scenario"] == "e2e":
+        figures, state = _e2e(spec, target)
+        result.update(figures)
+    else:
+        t0 = time.perf_counter()
+        state = LOADERS[spec["loader"]].load(target, device)
+        result["bytes"] = resident(state, device)
+        result["seconds"] = time.perf_counter() - t0
+        result["tensors"] = len(state)
+    result.update(_memory(device))
+    result["checksums"] = digests(state, spec["names"]) if state is not None else None
+    return result
+
+
+def run_limits(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure the physical limits and describe the machine."""
+    from flashtensors.bench.limits import machine_info, measure_limits
+
+    device = spec["device"]
+    _init_device(device)
+    limits = measure_limits(
+        spec["files"],
+        device=device,
+        limit_bytes=spec["limit_bytes"],
+        h2d_bytes=spec["h2d_bytes"],
+        memcpy_bytes=spec["memcpy_bytes"],
+        cache_drop=spec.get("cache_drop", "auto"),
+    )
+    return {"limits": limits, "machine": machine_info(device, Path(spec["directory"]))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement described by the JSON in ``argv[0]``; print the result line."""
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(args[0])
+    try:
+        result = run_limits(spec) if spec.get("kind") == "limits" else run_load(spec)
+        code = 0
+    except Exception as exc:  # reported to the runner as this run's error, not as a crash
+        traceback.print_exc(file=sys.stderr)
+        result = {"error": f"{type(exc).__name__}: {exc}".strip()[:2000]}
+        code = 1
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

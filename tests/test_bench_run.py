@@ -1,0 +1,238 @@
+"""`flash bench run` on CPU: fresh-process runs, checksums equal across loaders, FAIL on wrong bytes."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flashtensors.bench import loaders as loaders_mod
+from flashtensors.bench import worker
+from flashtensors.bench.cache import chunks, drop_cache, parallel_read, warm_cache
+from flashtensors.bench.checksum import compare_checksums, digests, tensor_digest
+from flashtensors.bench.limits import limit_for
+from flashtensors.bench.make import make_checkpoint
+from flashtensors.bench.report import format_table, summarize
+from flashtensors.bench.runner import RunOptions, failures, judge_run, resolve_checkpoint, run_bench
+from flashtensors.bench.shapes import resolve_shape
+from flashtensors.cli.app import main
+from flashtensors.errors import ConfigError, DeviceError
+
+TINY = {
+    "layers": 2,
+    "hidden": 64,
+    "intermediate": 128,
+    "heads": 4,
+    "kv_heads": 2,
+    "head_dim": 16,
+    "vocab": 512,
+}
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench-run") / "tiny"
+    make_checkpoint(resolve_shape("custom", **TINY), path, shard_size=16 * 1024, seed=3)
+    return path
+
+
+def _spec(ckpt_dir: Path, loader: str, scenario: str = "warm") -> dict[str, Any]:
+    ckpt = resolve_checkpoint(ckpt_dir)
+    return {
+        "kind": "load",
+        "loader": loader,
+        "scenario": scenario,
+        "device": "cpu",
+        "directory": str(ckpt.directory),
+        "files": [str(f) for f in ckpt.files],
+        "names": list(ckpt.names),
+        "cache_drop": "fadvise",
+    }
+
+
+def test_cli_run_on_cpu_checksums_agree_and_peers_are_skipped(
+    ckpt_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_json = tmp_path / "results" / "bench.json"
+    code = main([
+        "bench", "run", str(ckpt_dir), "--device", "cpu", "--repeat", "1",
+        "--loaders", "flashtensors,safetensors,safetensors-mmap,instanttensor,fastsafetensors",
+        "--scenarios", "warm,cold", "--cache-drop", "fadvise",
+        "--json", str(out_json), "--limit-bytes", "1M", "--memcpy-bytes", "16M",
+    ])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    ckpt = resolve_checkpoint(ckpt_dir)
+    assert report["checkpoint"]["reference_checksums"] == ckpt.reference
+    assert len(ckpt.reference) >= 3
+    runs = report["runs"]
+    assert {(r["loader"], r["scenario"]) for r in runs} == {
+        (loader, scenario)
+        for loader in ("flashtensors", "safetensors", "safetensors-mmap")
+        for scenario in ("warm", "cold")
+    }
+    for r in runs:
+        assert r["status"] == "ok", r
+        assert r["checksums"] == ckpt.reference, r["loader"]
+        assert r["bytes"] == ckpt.nbytes and r["tensors"] == ckpt.tensors
+        assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0
+    assert {r["cache"] for r in runs if r["scenario"] == "cold"} == {"fadvise"}
+    skipped = {(s["loader"], s["scenario"]): s["note"] for s in report["skipped"]}
+    assert "supports only cuda" in skipped[("instanttensor", "warm")]
+    if importlib.util.find_spec("fastsafetensors") is None:
+        assert "not installed" in skipped[("fastsafetensors", "cold")]
+    limits = report["limits"]
+    assert limits["disk"]["gbps"] > 0 and set(limits["disk"]["threads"]) == {"1", "4", "8", "16"}
+    assert limits["page_cache"]["gbps"] > 0 and limits["memcpy"]["gbps"] > 0
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["date"]
+    assert report["failures"] == [] and report["command"].startswith("flash bench run ")
+    # The summary behind the table: medians, speed-up against safetensors, skipped pairs.
+    summary = {(r["scenario"], r["loader"]): r for r in report["summary"]}
+    assert summary[("warm", "safetensors")]["speedup"] == 1.0
+    assert summary[("cold", "flashtensors")]["limit"] == "disk"
+    assert summary[("warm", "instanttensor")]["status"] == "skipped"
+    row = next(line for line in out.splitlines() if line.startswith("warm      safetensors "))
+    assert row.split()[-3:] == ["1.00x", "ok", "1"]
+    assert "[  1/6] warm  flashtensors" in err and "skip instanttensor warm" in err
+
+
+def _corrupt(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    bad = dict(state)
+    t = state[name].clone()
+    t.view(torch.uint8).view(-1)[0] ^= 1  # one bit of one tensor
+    bad[name] = t
+    return bad
+
+
+def test_a_corrupted_loader_result_is_a_failure(ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = resolve_checkpoint(ckpt_dir)
+    victim = ckpt.names[len(ckpt.names) // 2]
+    real = loaders_mod.LOADERS["safetensors"]
+    broken = loaders_mod.Loader(
+        real.name, real.modules, real.devices, lambda t, d: _corrupt(dict(real.load(t, d)), victim), "broken"
+    )
+    monkeypatch.setitem(loaders_mod.LOADERS, "safetensors", broken)
+    good = worker.run_load(_spec(ckpt_dir, "safetensors-mmap"))
+    bad = worker.run_load(_spec(ckpt_dir, "safetensors"))
+    for rep, record in enumerate((good, bad)):
+        record["repeat"] = rep
+        judge_run(record, ckpt)
+    assert good["status"] == "ok" and good["checksums"] == ckpt.reference
+    assert bad["status"] == "FAIL"
+    assert bad["checksums"][victim] != ckpt.reference[victim]
+    assert bad["mismatches"] == [
+        f"{victim}: expected {ckpt.reference[victim]}, got {bad['checksums'][victim]}"
+    ]
+    report = {
+        "checkpoint": {"bytes": ckpt.nbytes},
+        "options": {"device": "cpu"},
+        "runs": [good, bad],
+        "limits": {},
+    }
+    assert failures(report) == [f"safetensors warm #2: {bad['mismatches'][0]}"]
+    rows = {r["loader"]: r for r in summarize(report)}
+    assert rows["safetensors"]["status"] == "FAIL" and rows["safetensors-mmap"]["status"] == "ok"
+    assert "FAIL" in format_table(list(rows.values()))
+
+
+def test_compare_checksums() -> None:
+    t = torch.arange(10, dtype=torch.bfloat16)
+    ref = {"a": tensor_digest(t), "b": tensor_digest(t * 2)}
+    assert compare_checksums(ref, digests({"a": t, "b": t * 2}, ["a", "b"])) == []
+    bad = compare_checksums(ref, digests({"a": t, "b": t * 3}, ["a", "b"]))
+    assert [m.name for m in bad] == ["b"]
+    missing = compare_checksums(ref, digests({"a": t}, ["a", "b"]))
+    assert [(m.name, m.got) for m in missing] == [("b", "missing")]
+    assert len(compare_checksums(ref, None)) == 2
+    # Same bytes whatever the view: a non-contiguous tensor hashes as its row-major copy.
+    m = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert tensor_digest(m.t()) == tensor_digest(m.t().contiguous())
+
+
+def test_worker_reports_a_failed_load_as_an_error(ckpt_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _spec(ckpt_dir, "safetensors")
+    spec["files"] = [str(ckpt_dir / "model-99999-of-99999.safetensors")]
+    assert worker.main([json.dumps(spec)]) == 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(worker.RESULT_PREFIX)
+    record = json.loads(line[len(worker.RESULT_PREFIX) :])
+    assert "model-99999" in record["error"]
+    judge_run(record, resolve_checkpoint(ckpt_dir))
+    assert record["status"] == "error"
+
+
+def test_hot_is_a_second_load_in_the_same_process_on_cpu(ckpt_dir: Path) -> None:
+    record = worker.run_load(_spec(ckpt_dir, "flashtensors", "hot"))
+    assert record["hot"].startswith("second load in the same process")
+    assert record["checksums"] == resolve_checkpoint(ckpt_dir).reference
+
+
+def test_limit_for_each_scenario() -> None:
+    limits = {
+        "disk": {"gbps": 1.6},
+        "page_cache": {"gbps": 17.7},
+        "memcpy": {"gbps": 6.1},
+        "h2d_pinned": {"gbps": 54.3},
+    }
+    assert limit_for("cold", limits, "cuda") == (1.6, "disk")
+    assert limit_for("warm", limits, "cuda") == (17.7, "page_cache")
+    assert limit_for("warm", limits, "cpu") == (6.1, "memcpy")
+    assert limit_for("hot", limits, "cuda:0") == (54.3, "h2d_pinned")
+    assert limit_for("hot", limits, "cpu") == (6.1, "memcpy")
+    assert limit_for("e2e", limits, "cuda") == (None, "")
+    assert limit_for("cold", {"disk": {"gbps": None, "error": "x"}}, "cpu") == (None, "disk")
+
+
+def test_summary_medians_ratios_and_speedups() -> None:
+    def run(loader: str, seconds: float, status: str = "ok") -> dict[str, Any]:
+        return {"loader": loader, "scenario": "cold", "seconds": seconds, "status": status}
+
+    report = {
+        "checkpoint": {"bytes": 8_000_000_000},
+        "options": {"device": "cuda"},
+        "limits": {"disk": {"gbps": 2.0}},
+        "runs": [run("safetensors", s) for s in (8.0, 7.0, 9.0)]
+        + [run("flashtensors", s) for s in (4.0, 5.0, 100.0)]
+        + [{"loader": "runai", "scenario": "cold", "status": "error", "error": "boom"}],
+        "skipped": [{"loader": "instanttensor", "scenario": "cold", "note": "not installed"}],
+    }
+    rows = {r["loader"]: r for r in summarize(report)}
+    st, ft = rows["safetensors"], rows["flashtensors"]
+    assert st["seconds"] == 8.0 and st["gbps"] == pytest.approx(1.0) and st["ratio"] == pytest.approx(0.5)
+    assert ft["seconds"] == 5.0 and ft["speedup"] == pytest.approx(1.6) and ft["ratio"] == pytest.approx(0.8)
+    assert rows["runai"]["status"] == "error" and rows["runai"]["note"] == "boom"
+    assert rows["instanttensor"]["status"] == "skipped"
+    md = format_table(list(rows.values()), markdown=True).splitlines()
+    assert md[0].startswith("| scenario | loader |") and "| 1.60x |" in md[3]
+
+
+def test_cache_helpers(ckpt_dir: Path) -> None:
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    assert drop_cache(files, "fadvise") == "fadvise"
+    try:
+        assert parallel_read(chunks(files), 4, direct=True) == total
+    except OSError as exc:  # a filesystem without O_DIRECT (tmpfs) refuses the open
+        assert exc.errno == errno.EINVAL
+    assert warm_cache(files, threads=3) == total
+    assert sum(c[2] for c in chunks(files, limit=total // 2)) <= total // 2
+    with pytest.raises(ConfigError, match="cache-drop"):
+        drop_cache(files, "sometimes")
+
+
+def test_bad_options(ckpt_dir: Path) -> None:
+    ckpt = resolve_checkpoint(ckpt_dir)
+    with pytest.raises(ConfigError, match="unknown loader"):
+        run_bench(ckpt, RunOptions(loaders=["torchload"], device="cpu"))
+    with pytest.raises(ConfigError, match="unknown scenario"):
+        run_bench(ckpt, RunOptions(scenarios=["lukewarm"], device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA") as info:
+            run_bench(ckpt, RunOptions(device="cuda"))
+        assert "--device cpu" in info.value.hint
