@@ -109,7 +109,7 @@ def _read(
             modes = ["pinned-mmap"] * len(regions)
         elif path == "pinned-mmap":
             _read_warm_gpu(regions, arena, settings)
-            modes = ["warm"] * len(regions)
+            modes = ["pinned-mmap+buffered"] * len(regions)
         else:
             modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
         used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})

@@ -246,9 +246,9 @@ def _release_later(pinned: list[int], maps: list[Mapping]) -> None:
             m.close()
 
     t = threading.Thread(target=release, name="flash-unpin", daemon=True)
+    t.start()  # before it is listed: a concurrent wait_for_releases() may join it at once
     with _releases_lock:
         _releases.append(t)
-    t.start()
 
 
 def wait_for_releases() -> None:
