@@ -110,7 +110,6 @@ def test_stats(ring_file: Path) -> None:
         "direct",
         "pinned-mmap",
         "buffered",
-        "pinned-mmap+buffered",  # auto on a warm file: head pinned in place, tail through the ring
     }
 
 

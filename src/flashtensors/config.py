@@ -109,12 +109,6 @@ VARIABLES: tuple[Variable, ...] = (
         "bytes pinned per cudaHostRegister call on the warm path",
     ),
     Variable(
-        "FLASH_WARM_PIN_SHARE",
-        "warm_pin_share",
-        _parse_fraction,
-        "share of a warm file pinned in place for DMA; the rest is memcpy'd through the ring",
-    ),
-    Variable(
         "FLASH_RESIDENT_FRACTION",
         "resident_fraction",
         _parse_fraction,
@@ -139,7 +133,6 @@ class Settings:
     ring_size: int = 256 * MiB
     register_chunk: int = 1 * GiB
     resident_fraction: float = 0.9
-    warm_pin_share: float = 0.7
     debug: bool = False
 
     def validate(self) -> Settings:
@@ -147,8 +140,6 @@ class Settings:
             raise ConfigError(f"read_path must be one of {', '.join(READ_PATHS)}, not {self.read_path!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], not {self.gpu_memory_utilization}")
-        if not 0.0 <= self.warm_pin_share <= 1.0:
-            raise ConfigError(f"warm_pin_share must be in [0, 1], not {self.warm_pin_share}")
         if not 0.0 <= self.resident_fraction <= 1.0:
             raise ConfigError(f"resident_fraction must be in [0, 1], not {self.resident_fraction}")
         if self.mem_pool_size < 0:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from flashtensors.config import Settings, get_settings
 from flashtensors.engine import devices, pinned, readers
 from flashtensors.engine.plan import Checkpoint, FileRegion, Plan, make_plan, resolve_files
-from flashtensors.engine.sysio import DIRECT_ALIGN, align_down, residency
+from flashtensors.engine.sysio import residency
 from flashtensors.errors import ConfigError
 from flashtensors.format.safetensors import DTYPES, read_header
 
@@ -59,38 +58,6 @@ def _choose(region: FileRegion, device: torch.device, forced: str, settings: Set
     return "pinned-mmap" if warm else "direct"
 
 
-def _split(regions: list[FileRegion], share: float) -> tuple[list[FileRegion], list[FileRegion]]:
-    """Cut each region at ``share`` of its bytes (on a 4096 boundary): (head part, tail part)."""
-    heads, tails = [], []
-    for r in regions:
-        cut = min(r.file_end, align_down(r.file_start + int(share * r.nbytes), DIRECT_ALIGN))
-        if cut > r.file_start:
-            heads.append(replace(r, file_end=cut))
-        if cut < r.file_end:
-            tails.append(replace(r, file_start=cut, arena_offset=r.arena_offset + cut - r.file_start))
-    return heads, tails
-
-
-def _read_warm_gpu(regions: list[FileRegion], arena: torch.Tensor, settings: Settings) -> None:
-    """Warm files to a GPU by two mechanisms at once, on disjoint byte ranges: the head of each file is
-    pinned in place and DMAed (bounded by page-pinning, ~40 GB/s), the tail is memcpy'd by threads into
-    the staging ring (bounded by host memcpy). They use different resources, so together they beat either.
-    """
-    pin, copy = _split(regions, settings.warm_pin_share)
-    if not copy:
-        readers.read_pinned_mmap(pin, arena, settings)
-        return
-    if not pin:
-        readers.read_through_ring(copy, arena, settings, direct=False)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-warm") as pool:
-        future = pool.submit(readers.read_through_ring, copy, arena, settings, False)
-        try:
-            readers.read_pinned_mmap(pin, arena, settings)
-        finally:
-            future.result()
-
-
 def _read(
     plan: Plan, arena: torch.Tensor, device: torch.device, forced: str, settings: Settings
 ) -> dict[str, str]:
@@ -104,12 +71,9 @@ def _read(
         elif path == "pinned":
             readers.read_pinned(regions, arena, [pinned.lookup(r.path) for r in regions])
             modes = ["pinned"] * len(regions)
-        elif path == "pinned-mmap" and forced == "pinned-mmap":
+        elif path == "pinned-mmap":
             readers.read_pinned_mmap(regions, arena, settings)
             modes = ["pinned-mmap"] * len(regions)
-        elif path == "pinned-mmap":
-            _read_warm_gpu(regions, arena, settings)
-            modes = ["pinned-mmap+buffered"] * len(regions)
         else:
             modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
         used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
