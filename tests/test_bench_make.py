@@ -13,6 +13,7 @@ from flashtensors.bench.make import make_checkpoint
 from flashtensors.bench.shapes import SHAPES, resolve_shape
 from flashtensors.cli.app import main
 from flashtensors.errors import ConfigError, StoreError
+from helpers.benchckpt import TINY, make_tiny
 
 # BENCH.md's table: bf16 bytes in GB and tied embeddings.
 BENCH_TABLE = {
@@ -23,23 +24,11 @@ BENCH_TABLE = {
     "qwen3-32b": (65.5, False),
 }
 
-TINY = {
-    "layers": 2,
-    "hidden": 64,
-    "intermediate": 128,
-    "heads": 4,
-    "kv_heads": 2,
-    "head_dim": 16,
-    "vocab": 512,
-}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer custom checkpoint in several shards (a 16 KiB shard size splits it)."""
-    path = tmp_path_factory.mktemp("bench") / "tiny"
-    make_checkpoint(resolve_shape("custom", **TINY), path, shard_size=16 * 1024, seed=7)
-    return path
+    """A 2-layer custom checkpoint in several shards."""
+    return make_tiny(tmp_path_factory, "bench", seed=7)
 
 
 def _file_tensors(path: Path) -> dict[str, torch.Tensor]:

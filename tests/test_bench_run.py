@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +18,24 @@ from flashtensors.bench import worker
 from flashtensors.bench.cache import chunks, drop_cache, parallel_read, warm_cache
 from flashtensors.bench.checksum import compare_checksums, digests, tensor_digest
 from flashtensors.bench.limits import limit_for
-from flashtensors.bench.make import make_checkpoint
 from flashtensors.bench.report import format_table, summarize
-from flashtensors.bench.runner import RunOptions, failures, judge_run, resolve_checkpoint, run_bench
-from flashtensors.bench.shapes import resolve_shape
+from flashtensors.bench.runner import (
+    DISK,
+    RunOptions,
+    failures,
+    judge_run,
+    resolve_checkpoint,
+    rotation,
+    run_bench,
+)
 from flashtensors.cli.app import main
 from flashtensors.errors import ConfigError, DeviceError
-
-TINY = {
-    "layers": 2,
-    "hidden": 64,
-    "intermediate": 128,
-    "heads": 4,
-    "kv_heads": 2,
-    "head_dim": 16,
-    "vocab": 512,
-}
+from helpers.benchckpt import make_tiny
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bench-run") / "tiny"
-    make_checkpoint(resolve_shape("custom", **TINY), path, shard_size=16 * 1024, seed=3)
-    return path
+    return make_tiny(tmp_path_factory, "bench-run", seed=3)
 
 
 def _spec(ckpt_dir: Path, loader: str, scenario: str = "warm") -> dict[str, Any]:
@@ -60,8 +57,8 @@ def test_cli_run_on_cpu_checksums_agree_and_peers_are_skipped(
 ) -> None:
     out_json = tmp_path / "results" / "bench.json"
     code = main([
-        "bench", "run", str(ckpt_dir), "--device", "cpu", "--repeat", "1",
-        "--loaders", "flashtensors,safetensors,safetensors-mmap,instanttensor,fastsafetensors",
+        "bench", "run", str(ckpt_dir), "--device", "cpu", "--repeat", "2",
+        "--loaders", "safetensors-mmap,flashtensors,safetensors,instanttensor,fastsafetensors",
         "--scenarios", "warm,cold", "--cache-drop", "fadvise",
         "--json", str(out_json), "--limit-bytes", "1M", "--memcpy-bytes", "16M",
     ])  # fmt: skip
@@ -71,18 +68,45 @@ def test_cli_run_on_cpu_checksums_agree_and_peers_are_skipped(
     ckpt = resolve_checkpoint(ckpt_dir)
     assert report["checkpoint"]["reference_checksums"] == ckpt.reference
     assert len(ckpt.reference) >= 3
-    runs = report["runs"]
-    assert {(r["loader"], r["scenario"]) for r in runs} == {
-        (loader, scenario)
-        for loader in ("flashtensors", "safetensors", "safetensors-mmap")
-        for scenario in ("warm", "cold")
-    }
+    runs, disk_runs = report["runs"], report["disk_runs"]
+    # --loaders order is repeat 1's order; repeat 2 starts one further on. In cold the raw disk read
+    # is one more member of the rotation.
+    # Peers that are not installed here are skipped (on the GPU machine some are installed).
+    asked = ["safetensors-mmap", "flashtensors", "safetensors", "instanttensor", "fastsafetensors"]
+    given = [name for name in asked if not loaders_mod.unavailable(name, "cpu", "warm")]
+    assert given[:3] == asked[:3]
+    cold = [*given, DISK]
+    expected = [("warm", m, 0) for m in given] + [("warm", m, 1) for m in rotation(given, 1)]
+    expected += [("cold", m, 0) for m in cold] + [("cold", m, 1) for m in rotation(cold, 1)]
+    done = sorted(runs + disk_runs, key=lambda r: r["order"])
+    assert [(r["scenario"], r.get("loader", DISK), r["repeat"]) for r in done] == expected
+    assert [r["order"] for r in done] == list(range(1, len(expected) + 1))
     for r in runs:
         assert r["status"] == "ok", r
         assert r["checksums"] == ckpt.reference, r["loader"]
         assert r["bytes"] == ckpt.nbytes and r["tensors"] == ckpt.tensors
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0
+        assert set(r["setup_seconds"]) == {"device", "imports", "prepare"}
     assert {r["cache"] for r in runs if r["scenario"] == "cold"} == {"fadvise"}
+    assert all(r["warm_read_bytes"] >= 0 for r in runs if r["scenario"] == "warm")
+    # Every run, disk reads included, is a fresh child of one fork server that had torch imported
+    # and CUDA untouched; each record keeps the wall time the runner saw.
+    workers = report["workers"]
+    assert workers["start"] == "forkserver" and workers["server_pid"] not in (None, os.getpid())
+    assert "torch" in workers["preload"] and workers["startup_seconds"] > 0
+    server = {
+        "pid": workers["server_pid"],
+        "torch_imported": True,
+        "cuda_initialized": False,
+    }
+    for r in runs + disk_runs:
+        assert r["worker"]["start"] == "forkserver" and r["worker"]["exit"] == 0
+        parent = dict(r["worker"]["parent"])
+        # Recorded, not judged: a CUDA build of torch maps libcuda at import (False on this CPU build).
+        assert isinstance(parent.pop("cuda_driver_loaded"), bool)
+        assert parent == server
+        assert r["wall_seconds"] >= r["seconds"] > 0
+    assert len({r["worker"]["pid"] for r in runs + disk_runs}) == len(runs + disk_runs)
     skipped = {(s["loader"], s["scenario"]): s["note"] for s in report["skipped"]}
     assert "supports only cuda" in skipped[("instanttensor", "warm")]
     if importlib.util.find_spec("fastsafetensors") is None:
@@ -92,14 +116,31 @@ def test_cli_run_on_cpu_checksums_agree_and_peers_are_skipped(
     assert limits["page_cache"]["gbps"] > 0 and limits["memcpy"]["gbps"] > 0
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["date"]
     assert report["failures"] == [] and report["command"].startswith("flash bench run ")
+    # The interleaved disk reads: whole files, cache dropped, at the limits step's best thread count;
+    # their median is cold's ceiling, and the start-of-run figure stays beside it.
+    file_bytes = sum(f.stat().st_size for f in ckpt.files)
+    best = limits["disk"]["best_threads"]
+    assert limits["disk"]["threads"][str(best)] == limits["disk"]["gbps"]
+    for r in disk_runs:
+        assert r["status"] == "ok" and r["bytes"] == file_bytes and r["threads"] == best
+        assert r["method"] in ("O_DIRECT", "buffered-after-drop") and r["cache_drop"] == "fadvise"
+    inter = limits["disk_interleaved"]
+    assert inter["gbps"] == statistics.median(r["gbps"] for r in disk_runs) and inter["threads"] == best
     # The summary behind the table: medians, speed-up against safetensors, skipped pairs.
     summary = {(r["scenario"], r["loader"]): r for r in report["summary"]}
     assert summary[("warm", "safetensors")]["speedup"] == 1.0
-    assert summary[("cold", "flashtensors")]["limit"] == "disk"
+    cold_row = summary[("cold", "flashtensors")]
+    assert cold_row["limit"] == "disk_interleaved" and cold_row["limit_gbps"] == inter["gbps"]
+    assert cold_row["ratio"] == pytest.approx(cold_row["gbps"] / inter["gbps"])
+    assert cold_row["start_limit_gbps"] == limits["disk"]["gbps"]
+    assert cold_row["start_ratio"] == pytest.approx(cold_row["gbps"] / limits["disk"]["gbps"])
     assert summary[("warm", "instanttensor")]["status"] == "skipped"
     row = next(line for line in out.splitlines() if line.startswith("warm      safetensors "))
-    assert row.split()[-3:] == ["1.00x", "ok", "1"]
-    assert "[  1/6] warm  flashtensors" in err and "skip instanttensor warm" in err
+    assert row.split()[-3:] == ["1.00x", "ok", "2"]
+    assert "cold 'of limit' uses this median" in out and " disk_interleaved " in out
+    assert "workers: forkserver" in out
+    assert "[  1/14] warm  safetensors-mmap  #1" in err and "skip instanttensor warm" in err
+    assert f"cold  {DISK}" in err
 
 
 def _corrupt(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -232,6 +273,10 @@ def test_bad_options(ckpt_dir: Path) -> None:
         run_bench(ckpt, RunOptions(loaders=["torchload"], device="cpu"))
     with pytest.raises(ConfigError, match="unknown scenario"):
         run_bench(ckpt, RunOptions(scenarios=["lukewarm"], device="cpu"))
+    with pytest.raises(ConfigError, match="--start must be one of forkserver, exec"):
+        run_bench(ckpt, RunOptions(start="spawn", device="cpu"))
+    with pytest.raises(ConfigError, match="--timeout must be positive"):
+        run_bench(ckpt, RunOptions(timeout=0, device="cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="no CUDA") as info:
             run_bench(ckpt, RunOptions(device="cuda"))

@@ -105,9 +105,8 @@ def parallel_read(work: list[tuple[str, int, int]], threads: int, *, direct: boo
                     break
                 path, offset, length = item
                 want = (length + 4095) & ~4095 if direct else length
-                view = memoryview(buf)[:want]
-                done += min(os.preadv(fds[path], [view], offset), length)
-                view.release()
+                with memoryview(buf)[:want] as view:  # released even when the read fails, so buf can close
+                    done += min(os.preadv(fds[path], [view], offset), length)
         except BaseException as exc:  # surfaced in the caller's thread below
             errors.append(exc)
         finally:
@@ -128,6 +127,28 @@ def parallel_read(work: list[tuple[str, int, int]], threads: int, *, direct: boo
     return sum(totals)
 
 
-def warm_cache(files: Sequence[str | Path], threads: int = 8) -> int:
-    """Read ``files`` once through the page cache (like ``cat f > /dev/null``); returns the bytes read."""
-    return parallel_read(chunks(files), threads)
+def is_resident(path: str | Path) -> bool:
+    """Whether every sampled page of ``path`` is in the page cache (sampled: well under 1 ms a file)."""
+    from flashtensors.engine.sysio import residency
+
+    return residency(path, 0, os.path.getsize(path)) >= 1.0
+
+
+def warm_cache(files: Sequence[str | Path], threads: int = 1) -> int:
+    """Bring ``files`` into the page cache (like ``cat f > /dev/null``); returns the bytes read.
+
+    One thread reads each file from start to end, as ``cat``, a download or a model server's first
+    load would. How the cache is filled matters: on the H100 machine (kernel with large page-cache
+    folios), pages read sequentially land in large folios and pin for DMA at 35-42 GB/s, pages read by
+    8 threads at scattered 16 MiB offsets land in small ones and pin at ~14 GB/s.
+
+    A file whose pages are all resident already is not read again: re-reading a 16 GB checkpoint costs
+    3-5 s per run and changes nothing. Residency is sampled, so a file with a few evicted pages between
+    the samples counts as resident; eviction happens in long runs of pages, which the samples catch.
+
+    Example:
+        >>> warm_cache(["model.safetensors"])  # doctest: +SKIP
+        0
+    """
+    cold = [path for path in files if not is_resident(path)]
+    return parallel_read(chunks(cold), threads) if cold else 0

@@ -17,7 +17,9 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (scenario, loader): median seconds, GB/s, ratio to the limit, speed-up, status.
 
     GB/s is the checkpoint's tensor bytes over the median time. The limit is the scenario's ceiling
-    (see :func:`flashtensors.bench.limits.limit_for`); the speed-up is the baseline's median over this one
+    (see :func:`flashtensors.bench.limits.limit_for`); for cold that is the median of the disk reads
+    interleaved with the cold runs, and the row also carries ``start_limit_gbps`` / ``start_ratio``
+    against the disk figure of the limits step. The speed-up is the baseline's median over this one
     (baseline: safetensors, or transformers for e2e).
 
     Returns:
@@ -44,9 +46,13 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
             median = statistics.median(timed)
             medians[(scenario, loader)] = median
             row.update(seconds=median, gbps=nbytes / median / 1e9, all_seconds=timed)
-            limit, limit_name = limit_for(scenario, report.get("limits") or {}, device)
+            limits = report.get("limits") or {}
+            limit, limit_name = limit_for(scenario, limits, device)
             if limit:
                 row.update(limit=limit_name, limit_gbps=limit, ratio=row["gbps"] / limit)
+            start = limits.get("disk", {}).get("gbps") if limit_name == "disk_interleaved" else None
+            if start:  # the start-of-run figure too, so both ratios are in the JSON
+                row.update(start_limit_gbps=start, start_ratio=row["gbps"] / start)
             if scenario == "e2e":
                 ok = [r for r in runs if "first_token_seconds" in r]
                 row["load_seconds"] = statistics.median(r["load_seconds"] for r in ok)
@@ -143,7 +149,26 @@ def format_header(report: dict[str, Any]) -> str:
     if lim.get("error"):
         parts.append(f"limits failed: {lim['error']}")
     if parts:
-        lines.append("limits: " + ", ".join(parts))
+        lines.append("limits (measured first): " + ", ".join(parts))
+    inter = lim.get("disk_interleaved")
+    if inter:
+        runs = " ".join(f"{g:.2f}" for g in inter["runs"])
+        how = f"{inter['threads']} threads, {inter['method']}"
+        lines.append(
+            f"disk between the cold runs: median {inter['gbps']:.2f} GB/s ({runs}; {how}); "
+            "cold 'of limit' uses this median"
+        )
+    workers = report.get("workers") or {}
+    overhead = [
+        r["wall_seconds"] - r["seconds"] for r in report["runs"] if "wall_seconds" in r and "seconds" in r
+    ]
+    if workers.get("start"):
+        line = f"workers: {workers['start']}"
+        if workers.get("startup_seconds") is not None:
+            line += f" (server start {workers['startup_seconds']:.1f} s)"
+        if overhead:
+            line += f", median {statistics.median(overhead):.2f} s per run outside the clock"
+        lines.append(line)
     caches = sorted({r["cache"] for r in report["runs"] if r.get("scenario") == "cold" and r.get("cache")})
     if caches:
         lines.append(

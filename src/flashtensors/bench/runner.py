@@ -1,15 +1,23 @@
 """`flash bench run`: limits first, then every (scenario, repeat, loader) in a fresh worker process.
 
-Runs are interleaved (all loaders of one repeat, then the next repeat), so a drift of the machine during
-the run touches every loader alike. Each run's checksums are compared with digests read straight from
-the files; a mismatch marks the run FAIL.
+Runs are interleaved (every loader once, then the next repeat), and the order rotates: repeat r starts at
+loader r mod n of the list (``--loaders`` order), so no loader always runs first or last. That matters
+here: the lent machine's virtual disk reads the same blocks faster each time they are read again
+(1.41 -> 1.85 -> 2.13 GB/s in one minute), so a fixed order would favour whoever runs last.
+
+For the same reason, each cold repeat also holds one raw read of the files (``disk_runs``: cache dropped,
+16 MiB requests, at the thread count the limits step found best), as one more member of the rotation;
+the cold ceiling is the median of those reads, not the single figure taken at the start.
+
+Each run's checksums are compared with digests read straight from the files; a mismatch marks it FAIL.
+Workers start from a pre-imported, CUDA-free fork server (see :class:`flashtensors.bench.worker.Launcher`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,12 +27,22 @@ from typing import Any
 from flashtensors.bench.cache import CACHE_DROP_METHODS
 from flashtensors.bench.checksum import compare_checksums, pick_names, reference_digests
 from flashtensors.bench.loaders import LOADERS, unavailable
-from flashtensors.bench.worker import RESULT_PREFIX
+from flashtensors.bench.worker import PRELOAD, START_METHODS, Launcher
 from flashtensors.errors import ConfigError, DeviceError
 from flashtensors.format.safetensors import FileHeader, read_header
 
 SCENARIOS = ("cold", "warm", "hot", "e2e")
+CLI_MODULE = "flashtensors.cli.app"
+DISK = "disk (O_DIRECT)"  # the raw read interleaved with the cold runs, in progress lines and disk_runs
 GiB = 1024**3
+# transformers imports lazily: the fork server imports what a load and a generate touch, or each run
+# that uses transformers pays ~2.5 s of imports (the model's modeling module is added per checkpoint).
+PRELOAD_TRANSFORMERS = (
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "flashtensors.models",
+    "flashtensors.backends.transformers_backend",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,7 @@ class RunOptions:
     h2d_bytes: int = 2 * GiB
     memcpy_bytes: int = GiB
     timeout: float = 1800.0
+    start: str = "forkserver"
 
     def validate(self) -> RunOptions:
         bad = [name for name in self.loaders if name not in LOADERS]
@@ -81,6 +100,13 @@ class RunOptions:
             raise ConfigError(f"--cache-drop must be one of {', '.join(CACHE_DROP_METHODS)}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        hint = "run `flash bench run --help`"
+        if self.start not in START_METHODS:
+            raise ConfigError(
+                f"--start must be one of {', '.join(START_METHODS)}, not {self.start!r}", hint=hint
+            )
+        if self.timeout <= 0:
+            raise ConfigError(f"--timeout must be positive, not {self.timeout:g}", hint=hint)
         return self
 
 
@@ -120,19 +146,15 @@ def _check_device(device: str) -> None:
         )
 
 
-def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one worker and return its result record (``error`` set when it failed or crashed)."""
-    cmd = [sys.executable, "-m", "flashtensors.bench.worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
-    return {"error": f"worker exited with status {proc.returncode} and no result: {tail}"}
+def rotation(members: Sequence[str], repeat: int) -> list[str]:
+    """The order of one repeat: ``members`` rotated so that repeat ``r`` starts at member ``r mod n``.
+
+    Example:
+        >>> rotation(["a", "b", "c"], 1)
+        ['b', 'c', 'a']
+    """
+    k = repeat % len(members) if members else 0
+    return [*members[k:], *members[:k]]
 
 
 def judge_run(record: dict[str, Any], ckpt: BenchCheckpoint) -> None:
@@ -162,8 +184,9 @@ def run_bench(
         progress: called with one line per finished step (the CLI prints it on stderr).
 
     Returns:
-        ``{"checkpoint", "options", "machine", "limits", "runs", "skipped"}``, which
-        :mod:`flashtensors.bench.report` turns into the table.
+        ``{"checkpoint", "options", "workers", "machine", "limits", "runs", "disk_runs", "skipped"}``,
+        which :mod:`flashtensors.bench.report` turns into the table. A worker that crashes or times out
+        is that run's ``error``, never an exception here.
 
     Raises:
         ConfigError: bad options.
@@ -181,52 +204,122 @@ def run_bench(
     report: dict[str, Any] = {
         "checkpoint": _describe(ckpt),
         "options": asdict(options),
+        "workers": {},
         "machine": {},
         "limits": {},
         "runs": [],
+        "disk_runs": [],
         "skipped": [],
     }
-    if options.limits:
-        say(
-            "measuring limits (disk O_DIRECT, page cache, memcpy"
-            + (", pinned H2D)" if options.device != "cpu" else ")")
-        )
-        spec = dict(
-            base,
-            kind="limits",
-            limit_bytes=options.limit_bytes,
-            h2d_bytes=options.h2d_bytes,
-            memcpy_bytes=options.memcpy_bytes,
-        )
-        got = spawn(spec, options.timeout)
-        if got.get("error"):
-            report["limits"] = {"error": got["error"]}
-            say(f"limits failed: {got['error']}")
-        else:
-            report["limits"], report["machine"] = got["limits"], got["machine"]
-    plan: list[tuple[str, str]] = []
+    plan: dict[str, list[str]] = {}
     for scenario in options.scenarios:
-        for loader in options.loaders:
+        plan[scenario] = []
+        for loader in dict.fromkeys(options.loaders):
             why = unavailable(loader, options.device, scenario)
             if why:
                 report["skipped"].append({"loader": loader, "scenario": scenario, "note": why})
                 say(f"skip {loader} {scenario}: {why}")
             else:
-                plan.append((scenario, loader))
-    total, done = len(plan) * options.repeat, 0
-    for scenario in options.scenarios:
-        for rep in range(options.repeat):
-            for sc, loader in plan:
-                if sc != scenario:
-                    continue
-                spec = dict(base, kind="load", loader=loader, scenario=scenario, names=list(ckpt.names))
-                record = spawn(spec, options.timeout)
-                record.update(loader=loader, scenario=scenario, repeat=rep)
+                plan[scenario].append(loader)
+    launcher = _start_workers(options, _preload(plan, ckpt.directory), report, say)
+    try:
+        threads = _measure_limits(launcher, base, options, report, say) if options.limits else None
+        if threads is not None and "cold" in plan:
+            plan["cold"] = [*plan["cold"], DISK]
+        steps = [
+            (scenario, rep, member)
+            for scenario, members in plan.items()
+            for rep in range(options.repeat)
+            for member in rotation(members, rep)
+        ]
+        for done, (scenario, rep, member) in enumerate(steps, 1):
+            if member == DISK:
+                spec = dict(base, kind="disk", threads=threads)
+            else:
+                spec = dict(base, kind="load", loader=member, scenario=scenario, names=list(ckpt.names))
+            record = launcher.run(spec, options.timeout)
+            record.update(scenario=scenario, repeat=rep, order=done)
+            if member == DISK:
+                record["status"] = "error" if record.get("error") else "ok"
+                report["disk_runs"].append(record)
+            else:
+                record["loader"] = member
                 judge_run(record, ckpt)
                 report["runs"].append(record)
-                done += 1
-                say(_progress_line(done, total, record, ckpt.nbytes))
+            say(_progress_line(done, len(steps), record, ckpt.nbytes))
+    finally:
+        launcher.close()
+    read = [r for r in report["disk_runs"] if r["status"] == "ok"]
+    if read:
+        report["limits"]["disk_interleaved"] = {
+            "gbps": statistics.median(r["gbps"] for r in read),
+            "runs": [r["gbps"] for r in read],
+            "threads": threads,
+            "method": read[0]["method"],
+        }
     return report
+
+
+def _start_workers(
+    options: RunOptions, preload: tuple[str, ...], report: dict[str, Any], say: Callable[[str], None]
+) -> Launcher:
+    """A launcher for the runs, its fork server started; ``exec`` where the fork server is unusable."""
+    launcher = Launcher(options.start, preload)
+    report["workers"] = launcher.warm_up()
+    if report["workers"].get("error"):
+        launcher.close()
+        say(f"fork server unusable ({report['workers']['error']}); starting workers with python -m")
+        report["workers"] = {"start": "exec", "fallback_from": report["workers"]}
+        return Launcher("exec")
+    if options.start == "forkserver":
+        seconds = report["workers"]["startup_seconds"]
+        say(f"workers fork from one server that imported torch once ({seconds:.1f} s)")
+    return launcher
+
+
+def _preload(plan: dict[str, list[str]], directory: Path) -> tuple[str, ...]:
+    """What the fork server imports: always torch and flashtensors; transformers (and the model's
+    modeling module) when a run needs it."""
+    modules = PRELOAD
+    if plan.get("e2e") or "transformers" in {loader for members in plan.values() for loader in members}:
+        try:
+            kind = str(json.loads((directory / "config.json").read_text())["model_type"]).replace("-", "_")
+            model = (f"transformers.models.{kind}.modeling_{kind}",)
+        except (OSError, ValueError, KeyError, TypeError):
+            model = ()  # the run itself will say what is wrong with the config
+        modules += PRELOAD_TRANSFORMERS + model
+    # Each child re-runs the parent's __main__ script (multiprocessing does, so that functions defined
+    # there unpickle); under `flash` that script imports the CLI, 40 ms a child unless the server has.
+    return modules + (CLI_MODULE,) if CLI_MODULE in sys.modules else modules
+
+
+def _measure_limits(
+    launcher: Launcher,
+    base: dict[str, Any],
+    options: RunOptions,
+    report: dict[str, Any],
+    say: Callable[[str], None],
+) -> int | None:
+    """Run the limits step into ``report``; returns the disk's best thread count (None: no disk figure)."""
+    say(
+        "measuring limits (disk O_DIRECT, page cache, memcpy"
+        + (", pinned H2D)" if options.device != "cpu" else ")")
+    )
+    spec = dict(
+        base,
+        kind="limits",
+        limit_bytes=options.limit_bytes,
+        h2d_bytes=options.h2d_bytes,
+        memcpy_bytes=options.memcpy_bytes,
+    )
+    got = launcher.run(spec, options.timeout)
+    if got.get("error"):
+        report["limits"] = {"error": got["error"]}
+        say(f"limits failed: {got['error']}")
+        return None
+    report["limits"], report["machine"] = got["limits"], got["machine"]
+    report["workers"]["limits_wall_seconds"] = got["wall_seconds"]
+    return report["limits"].get("disk", {}).get("best_threads")
 
 
 def _describe(ckpt: BenchCheckpoint) -> dict[str, Any]:
@@ -250,14 +343,18 @@ def _describe(ckpt: BenchCheckpoint) -> dict[str, Any]:
 
 
 def _progress_line(done: int, total: int, record: dict[str, Any], nbytes: int) -> str:
-    head = f"[{done:>3}/{total}] {record['scenario']:<5} {record['loader']:<17} #{record['repeat'] + 1}"
+    name = record.get("loader", DISK)
+    head = f"[{done:>3}/{total}] {record['scenario']:<5} {name:<17} #{record['repeat'] + 1}"
     if record["status"] == "error":
         return f"{head}  error: {record['error']}"
     seconds = record["seconds"]
-    line = f"{head}  {seconds:8.3f} s  {nbytes / seconds / 1e9:7.2f} GB/s  {record['status']}"
+    gbps = (nbytes if "loader" in record else record["bytes"]) / seconds / 1e9
+    line = f"{head}  {seconds:8.3f} s  {gbps:7.2f} GB/s  {record['status']}"
+    if "loader" not in record:
+        line += f"  ({record['threads']} threads, {record['method']})"
     if record["status"] == "FAIL":
         line += "  CHECKSUM MISMATCH: " + "; ".join(record["mismatches"])
-    return line
+    return line + f"  [wall {record['wall_seconds']:.2f} s]"
 
 
 def failures(report: dict[str, Any]) -> list[str]:

@@ -110,12 +110,24 @@ def run_cmd(
     limit_bytes: Annotated[str, typer.Option(help="bytes read per disk/page-cache measurement")] = "8G",
     h2d_bytes: Annotated[str, typer.Option(help="size of the pinned host->GPU copy")] = "2G",
     memcpy_bytes: Annotated[str, typer.Option(help="size of the host memcpy")] = "1G",
-    timeout: Annotated[float, typer.Option(help="seconds allowed to one worker process")] = 1800.0,
+    timeout: Annotated[
+        float, typer.Option(help="seconds allowed to one worker process; it is killed after that")
+    ] = 1800.0,
+    start: Annotated[
+        str,
+        typer.Option(
+            help="how each fresh worker process starts: forkserver (forked from a server that imported "
+            "torch once, CUDA never initialized) or exec (python -m flashtensors.bench.worker)"
+        ),
+    ] = "forkserver",
 ) -> None:
     """Time every loader in every scenario, each run in a fresh process, with the limits of this machine.
 
-    Results (a table) go to stdout, progress to stderr. A loader whose bytes differ from the files' fails
-    the run (status FAIL, exit status 1).
+    The table goes to stdout and progress to stderr; --json keeps every raw figure.
+
+    Each repeat rotates the loader order, and cold repeats also time a raw disk read between the loads.
+
+    If a loader returns bytes that differ from the files, its run is marked FAIL and the exit status is 1.
     """
     from flashtensors.bench.loaders import LOADERS
     from flashtensors.bench.report import format_header, format_table, summarize, write_json
@@ -140,6 +152,7 @@ def run_cmd(
         h2d_bytes=_parse_size(h2d_bytes),
         memcpy_bytes=_parse_size(memcpy_bytes),
         timeout=timeout,
+        start=start,
     ).validate()
     ckpt = resolve_checkpoint(checkpoint)
     _err(
@@ -149,7 +162,7 @@ def run_cmd(
     report["command"] = shlex.join(
         ["flash", "bench", "run", checkpoint, "--scenarios", ",".join(options.scenarios)]
         + ["--loaders", ",".join(options.loaders), "--repeat", str(repeat), "--device", options.device]
-        + ["--cache-drop", cache_drop, *([] if limits else ["--no-limits"])]
+        + ["--cache-drop", cache_drop, "--start", start, *([] if limits else ["--no-limits"])]
     )
     rows = summarize(report)
     report["summary"] = rows
