@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import transformers
 import flashtensors as ft
 from flashtensors import backends, demo, store
 from flashtensors.backends import Backend, backend_names, get_backend, register_backend
-from flashtensors.backends.generation import FlashModel, SamplingParams
+from flashtensors.backends.generation import FlashModel, Pending, SamplingParams
 from flashtensors.errors import BackendError, ModelNotFound
 
 
@@ -183,3 +186,84 @@ def test_default_id_is_built_and_stored_once(monkeypatch: pytest.MonkeyPatch, no
     llm = ft.load_model(demo.DEFAULT_MODEL_ID, device="cpu", progress=False)
     assert llm.model_dir == first and llm.tokenizer is not None
     assert no_pull == []
+
+
+# ---------------------------------------------------------------- the tokenizer, loaded in the background
+
+
+def _new_threads(before: set[threading.Thread], prefix: str = "flash-") -> list[threading.Thread]:
+    """Our threads still alive that were not before (another test's may be ending on its own)."""
+    return [t for t in threading.enumerate() if t.name.startswith(prefix) and t not in before]
+
+
+def test_background_tokenizer_is_transformers_own(default_dir: Path) -> None:
+    """load_model returns before the tokenizer is read; `.tokenizer` waits for it, and it is the same
+    tokenizer AutoTokenizer gives, so text prompts encode and decode exactly as with transformers."""
+    before = set(threading.enumerate())
+    llm = ft.load_model(default_dir, dtype="bfloat16", device="cpu")
+    assert isinstance(llm._tokenizer, Pending)  # still loading (or loaded) on its own thread
+    want = transformers.AutoTokenizer.from_pretrained(default_dir)
+    got = llm.tokenizer
+    assert type(got) is type(want) and got is llm.tokenizer  # loaded once
+    text = "Weights, tokens — and a café ✓"
+    assert got(text)["input_ids"] == want(text)["input_ids"]
+    ids = want(text)["input_ids"]
+    by_text = llm.generate(text, temperature=0, max_tokens=5)[0]
+    by_ids = llm.generate({"prompt_token_ids": ids}, temperature=0, max_tokens=5)[0]
+    assert by_text.prompt_token_ids == ids and by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    assert by_text.text == want.decode(by_ids.outputs[0].token_ids, skip_special_tokens=True)
+    assert _new_threads(before) == []  # joined once its result was taken
+
+
+def test_background_tokenizer_threads_do_not_pile_up(default_dir: Path) -> None:
+    before = set(threading.enumerate())
+    models = [ft.load_model(default_dir, device="cpu") for _ in range(3)]
+    for llm in models:
+        assert llm.tokenizer is not None
+    assert _new_threads(before) == []  # neither tokenizer nor engine (flash-load) threads are left
+
+
+def test_no_tokenizer_files_means_no_thread(llama_dir: Path) -> None:
+    llm = ft.load_model(llama_dir, device="cpu")
+    assert llm._tokenizer is None and llm.tokenizer is None
+
+
+def test_background_tokenizer_errors_surface_on_use(
+    default_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    before = set(threading.enumerate())
+    llm = ft.load_model(default_dir, device="cpu")  # the model itself loads and runs
+    with torch.no_grad():
+        assert llm.model(torch.tensor([[5, 6]])).logits.shape[:2] == (1, 2)
+    with pytest.raises(RuntimeError, match="exploded"):
+        llm.generate("hello")
+    with pytest.raises(RuntimeError, match="exploded"):  # every use says so, not only the first
+        _ = llm.tokenizer
+    assert _new_threads(before) == []
+
+
+def test_unreadable_tokenizer_gives_none_and_a_warning(
+    default_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for f in default_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizerClass"}')
+    llm = ft.load_model(tmp_path, device="cpu")
+    assert llm.tokenizer is None
+    assert "no usable tokenizer" in caplog.text
+
+
+def test_folder_ids_need_no_store_import(llama_dir: Path) -> None:
+    """A folder resolves without importing the store or the demo model (~40 ms inside every load)."""
+    code = (
+        "import sys; from flashtensors.models import resolve_model_dir; "
+        f"p = resolve_model_dir({str(llama_dir)!r}); "
+        "print(p, 'flashtensors.store' in sys.modules, 'flashtensors.demo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(llama_dir.resolve()), "False", "False"]

@@ -42,13 +42,14 @@ def resolve_model_dir(
         >>> resolve_model_dir("Qwen/Qwen3-0.6B")  # doctest: +SKIP
         PosixPath('/home/me/.cache/flashtensors/models/Qwen/Qwen3-0.6B')
     """
-    from flashtensors import store
-    from flashtensors.demo import DEFAULT_MODEL_ID, ensure_default_model
-
     text = os.fspath(model_id)
     path = Path(text).expanduser()
     if path.is_dir():
         return path.resolve()
+    # Imported only now: a folder needs neither, and their first import costs ~40 ms of a load.
+    from flashtensors import store
+    from flashtensors.demo import DEFAULT_MODEL_ID, ensure_default_model
+
     if isinstance(model_id, os.PathLike) or _looks_like_path(text) or path.is_file():
         raise ModelNotFound(
             f"no model folder at {text}",
@@ -79,7 +80,7 @@ def load_model(
         backend: ``"transformers"`` (built in) or any registered backend (``"vllm"`` when installed).
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``, or ``"auto"`` for the checkpoint's dtype.
         device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``; None picks ``"cuda"`` when there is one.
-        **kwargs: passed to the backend (transformers: ``trust_remote_code``, ``read_path``).
+        **kwargs: passed to the backend (transformers: ``trust_remote_code``, ``read_path``, ``warmup``).
 
     Returns:
         The backend's model; for transformers a :class:`~flashtensors.backends.generation.FlashModel`

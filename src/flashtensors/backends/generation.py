@@ -10,6 +10,8 @@ generated, for the CLI.
 from __future__ import annotations
 
 import copy
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -78,11 +80,12 @@ class ModelLoadStats:
 
     nbytes: int
     weights_seconds: float  # the engine reading every tensor onto the device
-    total_seconds: float  # the whole load: config, model on meta, weights, placement, tokenizer
+    total_seconds: float  # the whole load: config, model on meta, weights, placement (not the tokenizer)
     device: str
     dtype: str
     paths: dict[str, str] = field(default_factory=dict)
     placement: str = "assigned"  # "assigned" (tensors used in place) or "transformers" (its loader)
+    warmup_seconds: float | None = None  # the GPU warm-up run while the weights were read; None: none ran
 
     @property
     def gbps(self) -> float:
@@ -112,21 +115,65 @@ def sampling_options(sampling_params: Any = None, **overrides: Any) -> SamplingP
     return opts
 
 
+class Pending:
+    """A call running on a daemon thread of its own; :meth:`result` waits for it.
+
+    Example:
+        >>> Pending(lambda: 6 * 7, name="answer").result()
+        42
+    """
+
+    def __init__(self, fn: Callable[[], Any], *, name: str) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # re-raised by result(), in the caller's thread
+            self._error = exc
+
+    def result(self) -> Any:
+        """The call's return value, once it has returned (its exception, re-raised, if it raised)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class FlashModel:
     """A loaded transformers model with its tokenizer, how it was loaded, and vLLM-style ``generate``.
 
     Attributes:
         model: the ``transformers.PreTrainedModel`` (in eval mode).
-        tokenizer: its tokenizer, or None when the folder has none.
+        tokenizer: its tokenizer, or None when the folder has none (waits while it is still loading).
         load_stats: a :class:`ModelLoadStats`.
         model_dir: the folder the model was loaded from.
     """
 
     def __init__(self, model: Any, tokenizer: Any, load_stats: ModelLoadStats, model_dir: Path) -> None:
         self.model = model
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer  # the tokenizer, None, or a Pending that gives one
         self.load_stats = load_stats
         self.model_dir = model_dir
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (None when the model has none), waiting for it while it loads in the background.
+
+        Raises:
+            Exception: whatever loading it raised (other than a missing or unreadable tokenizer, which
+                gives None and a warning).
+        """
+        if isinstance(self._tokenizer, Pending):
+            self._tokenizer = self._tokenizer.result()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
 
     def __repr__(self) -> str:
         s = self.load_stats

@@ -3,10 +3,13 @@
 What ``from_pretrained`` does, minus its file reading: the model is constructed with every parameter
 and buffer on the meta device (no memory, no random init), the checkpoint is read by the engine straight
 onto the target device, and each tensor is assigned to its parameter as is — no copy unless a dtype
-conversion is asked for. The steps after that follow transformers 5's own loader, in its order, so the
-result is the same model bit for bit: flag loaded tensors as initialized, give missing weights and
-non-persistent buffers real storage, run the model's ``initialize_weights`` (which only touches what is
-not flagged: rotary ``inv_freq``, ``position_ids``, weights absent from the checkpoint), then tie.
+conversion is asked for (see ``placement.py`` for the steps and why the result is the same model).
+
+The engine reads on a thread of its own; meanwhile this thread parses the config and the safetensors
+headers, builds the model, matches it to the checkpoint and, on a GPU, warms up the first forward
+(``warmup.py``). The tokenizer is loaded on a background thread once the weights are in: parsing a real
+tokenizer holds the GIL for hundreds of milliseconds, which would stall the engine's thread, and nothing
+needs it before the first text prompt.
 
 Checkpoints whose tensor names differ from the model's (transformers 5 renames or fuses some on load,
 e.g. mixture-of-experts weights), pre-quantized checkpoints and other unusual cases go through
@@ -15,33 +18,25 @@ transformers' own loader instead, still fed with the engine's tensors.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from transformers.utils import logging as hf_logging
 
 from flashtensors.backends import Backend
-from flashtensors.backends.generation import FlashModel, ModelLoadStats
+from flashtensors.backends.generation import FlashModel, ModelLoadStats, Pending
+
+# placement.py refuses a transformers older than 5 (no `initialization` module) with a clear error.
+from flashtensors.backends.placement import Layout, build_on_meta, place, prepare, read_layout
+from flashtensors.backends.warmup import warm_up
 from flashtensors.engine import api as engine
 from flashtensors.engine.devices import resolve_device
 from flashtensors.errors import BackendError, ConfigError, ModelNotFound
-
-try:
-    import transformers
-    from transformers import initialization as hf_init
-    from transformers.utils import logging as hf_logging
-except ImportError as exc:  # transformers 4.x has no `initialization` module
-    if getattr(exc, "name", None) == "transformers":
-        raise
-    raise BackendError(
-        "the transformers backend needs transformers >= 5",
-        hint="pip install -U 'transformers>=5'",
-    ) from exc
 
 logger = logging.getLogger(__name__)
 
@@ -113,111 +108,6 @@ def _class_names(classes: Any) -> set[str]:
     return {c.__name__ for c in items}
 
 
-# Newer transformers 5 releases keep a few creation ops (linspace) off the meta device during __init__.
-_meta_safe_ops = getattr(hf_init, "meta_device_safe_creation_ops", contextlib.nullcontext)
-
-
-def _non_persistent_buffers(model: Any) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for module_name, module in model.named_modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and name in module._non_persistent_buffers_set:
-                out.append((f"{module_name}.{name}" if module_name else name, buf))
-    return out
-
-
-def _build_on_meta(config: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any:
-    auto = auto_class_for(config)
-    try:
-        # The same context from_pretrained builds in: meta tensors, no tying yet (done after loading).
-        with torch.device("meta"), _meta_safe_ops(), hf_init.no_tie_weights():
-            return auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise BackendError(
-                f"{getattr(config, 'architectures', None) or config.model_type} needs code from the model's "
-                "repository, which flashtensors does not run unless asked",
-                hint="if you trust the model's authors: load_model(..., trust_remote_code=True)",
-            ) from exc
-        raise BackendError(f"transformers cannot build this model: {exc}") from exc
-
-
-def _dtype_plan(model: Any, dtype: torch.dtype) -> list[tuple[re.Pattern[str], torch.dtype]]:
-    """Weights that stay in float32 whatever ``dtype`` is (the model's keep-in-fp32 lists)."""
-    names: list[str] = []
-    if dtype == torch.float16:
-        names += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if dtype in (torch.float16, torch.bfloat16):
-        names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    return [(re.compile(n.replace("*", ".*")), torch.float32) for n in names]
-
-
-def _target_dtypes(
-    model: Any, dtype: torch.dtype, meta_sd: dict[str, torch.Tensor]
-) -> dict[str, torch.dtype]:
-    plan = _dtype_plan(model, dtype)
-    out: dict[str, torch.dtype] = {}
-    for key, empty in meta_sd.items():
-        out[key] = next((d for pattern, d in plan if pattern.search(key)), empty.dtype)
-    return out
-
-
-def _set_tensor(model: Any, key: str, value: torch.Tensor) -> None:
-    parent_name, _, name = key.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if name in parent._parameters:
-        old = parent._parameters[name]
-        parent._parameters[name] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        parent._buffers[name] = value
-
-
-def _place(
-    model: Any, tensors: dict[str, torch.Tensor], meta_sd: dict[str, torch.Tensor], device: torch.device
-) -> set[str]:
-    """Assign ``tensors`` to ``model`` (built on meta) in place; return the keys the checkpoint lacked."""
-    missing = set(meta_sd) - set(tensors)
-    for key, t in tensors.items():
-        if t.shape != meta_sd[key].shape:
-            raise BackendError(
-                f"{key}: the checkpoint holds shape {tuple(t.shape)}, the model expects "
-                f"{tuple(meta_sd[key].shape)}",
-                hint="the weights do not fit config.json: pull the model again (`flash pull MODEL --force`)",
-            )
-    model.load_state_dict(tensors, strict=False, assign=True)
-    for key in tensors:
-        # transformers' initializers skip tensors carrying this flag: it is how from_pretrained keeps
-        # loaded weights from being re-initialized, and we rely on the same contract.
-        model.get_parameter_or_buffer(key)._is_hf_initialized = True
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    for key in tied:
-        model.get_parameter(key)._is_hf_initialized = True
-    # A tied source the checkpoint lacks while holding its target: tie_weights shares the target's tensor.
-    covered = set(tied) | {source for target, source in tied.items() if target in tensors}
-    really_missing = sorted(missing - covered)
-    for key in really_missing:
-        _set_tensor(model, key, torch.empty_like(meta_sd[key], device=device))
-    for key, buf in _non_persistent_buffers(model):
-        _set_tensor(model, key, torch.empty_like(buf, device=device))
-    model.initialize_weights()
-    try:
-        model.tie_weights(missing_keys=missing, recompute_mapping=False)
-    except TypeError:  # transformers 5.0-5.x before tie_weights took the missing keys
-        model.tie_weights()
-    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise BackendError(
-            f"{len(still_meta)} tensor(s) were left without storage: {', '.join(still_meta[:5])}"
-        )
-    if really_missing:
-        logger.warning(
-            "%d weight(s) are not in the checkpoint and were initialized at random: %s",
-            len(really_missing),
-            ", ".join(really_missing[:8]),
-        )
-    return missing
-
-
 def _load_with_transformers(
     model_class: Any, config: Any, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> Any:
@@ -234,7 +124,7 @@ def _load_with_transformers(
             hf_logging.enable_progress_bar()
 
 
-def _resolve_dtype(requested: torch.dtype | None, config: Any, pending: Future[Any]) -> torch.dtype:
+def _resolve_dtype(requested: torch.dtype | None, config: Any, layout: Layout) -> torch.dtype:
     """The dtype to build in: the one asked for, else the config's, else the checkpoint's first float."""
     if requested is not None:
         return requested
@@ -243,8 +133,7 @@ def _resolve_dtype(requested: torch.dtype | None, config: Any, pending: Future[A
         configured = parse_dtype(configured)
     if isinstance(configured, torch.dtype):
         return configured
-    tensors = pending.result().tensors
-    return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    return layout.first_float_dtype
 
 
 def _read_config(model_dir: Path, trust_remote_code: bool) -> Any:
@@ -258,8 +147,6 @@ def _read_config(model_dir: Path, trust_remote_code: bool) -> Any:
 
 
 def _load_tokenizer(model_dir: Path, trust_remote_code: bool) -> Any:
-    if not any((model_dir / name).exists() for name in _TOKENIZER_FILES):
-        return None
     try:
         return transformers.AutoTokenizer.from_pretrained(
             model_dir, trust_remote_code=trust_remote_code, local_files_only=True
@@ -269,6 +156,19 @@ def _load_tokenizer(model_dir: Path, trust_remote_code: bool) -> Any:
         return None
 
 
+def _read_generation_config(model_dir: Path, model: Any) -> Any:
+    gen_file = model_dir / "generation_config.json"
+    if not gen_file.is_file() or not model.can_generate():
+        return None
+    return transformers.GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+
+
+def _tokenizer_later(model_dir: Path, trust_remote_code: bool) -> Pending | None:
+    if not any((model_dir / name).exists() for name in _TOKENIZER_FILES):
+        return None
+    return Pending(lambda: _load_tokenizer(model_dir, trust_remote_code), name="flash-tokenizer")
+
+
 def load_transformers_model(
     model_dir: str | Path,
     *,
@@ -276,6 +176,7 @@ def load_transformers_model(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     read_path: str | None = None,
+    warmup: bool = False,
 ) -> FlashModel:
     """Load a model folder with transformers, its weights read by the flashtensors engine.
 
@@ -285,9 +186,15 @@ def load_transformers_model(
         device: "cpu", "cuda", "cuda:N"; None picks "cuda" when available, else "cpu".
         trust_remote_code: allow the model's own Python code (from its folder) to run.
         read_path: force an engine read path (see :func:`flashtensors.engine.api.load`).
+        warmup: run a small copy of the model once while the weights are read, so that the first
+            ``generate`` does not pay for loading GPU libraries and kernels. Off by default: on the
+            H100 machine (Qwen3-8B shape, warm) it ran while the engine pinned pages, whose driver
+            lock stalled its kernel launches; it took 1.0-1.9 s and made the load return later
+            (1.2-2.1 s instead of ~1.0 s) for a first token ~0.4 s sooner.
 
     Returns:
-        A :class:`FlashModel` (``.model``, ``.tokenizer``, ``.load_stats``, ``.generate(...)``).
+        A :class:`FlashModel` (``.model``, ``.tokenizer``, ``.load_stats``, ``.generate(...)``). Its
+        tokenizer is still loading in the background when this returns; ``.tokenizer`` waits for it.
 
     Raises:
         ModelNotFound: the folder or its config.json is missing.
@@ -306,36 +213,38 @@ def load_transformers_model(
         )
     dev = resolve_device(device)
     requested = parse_dtype(dtype)
-    # The engine reads the weights (I/O, no GIL held) while this thread parses the config, builds the
-    # model on meta and loads the tokenizer: those cost tens of milliseconds that need not add up.
+    warm_seconds = None
+    # The engine reads the weights (I/O and DMA, the GIL released) while this thread does everything
+    # that needs only the config and the headers.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-load") as pool:
         pending = pool.submit(engine.load, model_dir, device=dev, read_path=read_path)
         config = _read_config(model_dir, trust_remote_code)
-        target = _resolve_dtype(requested, config, pending)
-        model = _build_on_meta(config, target, trust_remote_code)
-        tokenizer = _load_tokenizer(model_dir, trust_remote_code)
+        layout = read_layout(model_dir)
+        target = _resolve_dtype(requested, config, layout)
+        auto = auto_class_for(config)
+        model = build_on_meta(auto, config, target, trust_remote_code)
+        prepared = prepare(model, layout, target, dev)
+        gen_config = _read_generation_config(model_dir, model)
+        builtin = type(model).__module__.startswith("transformers.")  # no remote code in a warm-up
+        can_warm = prepared is not None and builtin and model.can_generate()
+        if can_warm and warmup:
+            warm_seconds = warm_up(
+                auto, config, target, dev, reserve_bytes=layout.arena_bytes, generation_config=gen_config
+            )
         result = pending.result()
     # Keep only the stats: the result's dict would otherwise hold the uncast tensors alive.
     tensors, load_stats = result.tensors, result.stats
     del result
-    meta_sd = model.state_dict()
-    names_match = set(tensors) <= set(meta_sd)
-    if names_match and getattr(config, "quantization_config", None) is None:
-        wanted = _target_dtypes(model, target, meta_sd)
-        # `.to` returns the very tensor when the dtype already matches: no copy on the common path.
-        tensors = {k: t.to(wanted[k]) for k, t in tensors.items()}
-        _place(model, tensors, meta_sd, dev)
+    if prepared is not None:
+        place(prepared, tensors)
         placement = "assigned"
     else:
         model = _load_with_transformers(type(model), config, tensors, target, dev)
         placement = "transformers"
     del tensors
     model.eval()
-    gen_file = model_dir / "generation_config.json"
-    if gen_file.is_file() and model.can_generate():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(
-            model_dir, local_files_only=True
-        )
+    if gen_config is not None:
+        model.generation_config = gen_config
     stats = ModelLoadStats(
         nbytes=load_stats.nbytes,
         weights_seconds=load_stats.seconds,
@@ -344,7 +253,9 @@ def load_transformers_model(
         dtype=str(target).removeprefix("torch."),
         paths=dict(load_stats.paths),
         placement=placement,
+        warmup_seconds=warm_seconds,
     )
+    tokenizer = _tokenizer_later(model_dir, trust_remote_code)
     return FlashModel(model=model, tokenizer=tokenizer, load_stats=stats, model_dir=model_dir)
 
 
@@ -354,11 +265,11 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def load(self, model_dir: Path, dtype: str | None, device: str | None, **kwargs: Any) -> FlashModel:
-        """See :func:`load_transformers_model`; accepts ``trust_remote_code`` and ``read_path``."""
-        unknown = sorted(set(kwargs) - {"trust_remote_code", "read_path"})
+        """See :func:`load_transformers_model`; accepts ``trust_remote_code``, ``read_path``, ``warmup``."""
+        unknown = sorted(set(kwargs) - {"trust_remote_code", "read_path", "warmup"})
         if unknown:
             raise BackendError(
                 f"the transformers backend does not take {', '.join(unknown)}",
-                hint="accepted options: trust_remote_code, read_path",
+                hint="accepted options: trust_remote_code, read_path, warmup",
             )
         return load_transformers_model(model_dir, dtype=dtype, device=device, **kwargs)
