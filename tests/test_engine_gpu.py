@@ -109,6 +109,7 @@ def test_stats(ring_file: Path) -> None:
     assert set(result.stats.paths.values()) <= {
         "direct",
         "pinned-mmap",
+        "pinned-mmap+buffered",
         "buffered",
     }
 
@@ -210,3 +211,21 @@ def test_direct_falls_back_cleanly(ring_file: Path, monkeypatch: pytest.MonkeyPa
     result = load(ring_file, device=DEV, read_path="direct")
     assert_same(result.tensors, reference_load(ring_file), device=DEV)
     assert set(result.stats.paths.values()) == {"buffered"}
+
+
+@pytest.mark.parametrize("probe_bytes", [1, 2 * 1024 * 1024])
+def test_slow_pinning_switches_to_the_ring(
+    index_dir: Path, ring_file: Path, monkeypatch: pytest.MonkeyPatch, probe_bytes: int
+) -> None:
+    # Pretend pinning is slow everywhere, so the switch happens after the first chunk (probe 1 byte)
+    # or after two 1 MiB chunks (part-way into the larger file): the rest must still arrive intact.
+    from flashtensors.engine import readers
+
+    monkeypatch.setattr(readers, "SLOW_PIN_GBPS", float("inf"))
+    monkeypatch.setattr(readers, "_PROBE_BYTES", probe_bytes)
+    ft.configure(register_chunk=1024 * 1024)
+    for checkpoint in (index_dir, ring_file):  # 4 tiny shards; one 2.8 MB file
+        result = load(checkpoint, device=DEV, read_path="pinned-mmap")
+        assert_same(result.tensors, reference_load(checkpoint), device=DEV)
+        switched = "pinned-mmap+buffered" in set(result.stats.paths.values())
+        assert switched == (probe_bytes == 1 or checkpoint == ring_file)

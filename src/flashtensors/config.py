@@ -127,7 +127,7 @@ class Settings:
     mem_pool_size: int = 8 * GiB
     gpu_memory_utilization: float = 0.9
     read_path: str = "auto"
-    io_threads: int = 4
+    io_threads: int = 8
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
     ring_size: int = 256 * MiB

@@ -72,8 +72,7 @@ def _read(
             readers.read_pinned(regions, arena, [pinned.lookup(r.path) for r in regions])
             modes = ["pinned"] * len(regions)
         elif path == "pinned-mmap":
-            readers.read_pinned_mmap(regions, arena, settings)
-            modes = ["pinned-mmap"] * len(regions)
+            modes = readers.read_pinned_mmap(regions, arena, settings)
         else:
             modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
         used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
