@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from flashtensors.bench import worker
+from flashtensors.bench import launcher
 from flashtensors.bench.cache import drop_cache, is_resident, warm_cache
+from flashtensors.bench.launcher import Launcher
 from flashtensors.bench.limits import disk_bandwidth, disk_read
 from flashtensors.bench.report import summarize
 from flashtensors.bench.runner import (
@@ -29,7 +30,6 @@ from flashtensors.bench.runner import (
     rotation,
     run_bench,
 )
-from flashtensors.bench.worker import Launcher
 from helpers.benchckpt import make_tiny
 from helpers.nodirect import NoDirect
 
@@ -92,7 +92,7 @@ def _fork_child(tmp_path: Path, name: str) -> dict[str, Any]:
     """Run the fork-server child body in a child forked from this process (whose state we control)."""
     result, log = tmp_path / f"{name}.json", tmp_path / f"{name}.log"
     proc = multiprocessing.get_context("fork").Process(
-        target=worker._child, args=({"kind": "probe"}, dict(os.environ), str(result), str(log))
+        target=launcher._child, args=({"kind": "probe"}, dict(os.environ), str(result), str(log))
     )
     proc.start()
     proc.join(60)
@@ -107,7 +107,7 @@ def test_a_child_forked_from_a_parent_with_cuda_initialized_refuses_to_run(
     # (collecting GPU tests asks torch.cuda.is_available()), and then its child must refuse too.
     now = {
         "cuda_initialized": torch.cuda.is_initialized(),
-        "cuda_driver_loaded": worker._cuda_driver_loaded(),
+        "cuda_driver_loaded": launcher._cuda_driver_loaded(),
     }
     as_is = _fork_child(tmp_path, "as-is")
     assert as_is["worker"]["parent"] == {"pid": os.getpid(), "torch_imported": True, **now}

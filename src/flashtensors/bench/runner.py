@@ -10,7 +10,7 @@ For the same reason, each cold repeat also holds one raw read of the files (``di
 the cold ceiling is the median of those reads, not the single figure taken at the start.
 
 Each run's checksums are compared with digests read straight from the files; a mismatch marks it FAIL.
-Workers start from a pre-imported, CUDA-free fork server (see :class:`flashtensors.bench.worker.Launcher`).
+Workers start from a pre-imported, CUDA-free fork server (see :class:`flashtensors.bench.launcher.Launcher`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 from flashtensors.bench.cache import CACHE_DROP_METHODS
 from flashtensors.bench.checksum import compare_checksums, pick_names, reference_digests
+from flashtensors.bench.launcher import PRELOAD, START_METHODS, Launcher
 from flashtensors.bench.loaders import LOADERS, unavailable
-from flashtensors.bench.worker import PRELOAD, START_METHODS, Launcher
 from flashtensors.errors import ConfigError, DeviceError
 from flashtensors.format.safetensors import FileHeader, read_header
 
