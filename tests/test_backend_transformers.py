@@ -97,14 +97,19 @@ def test_bert_loads_through_automodel(tmp_path: Path) -> None:
             llm.generate({"prompt_token_ids": [2, 5]})
 
 
-def test_renamed_weights_go_through_transformers_loader(tmp_path: Path) -> None:
-    """A mixture-of-experts checkpoint stores one tensor per expert; transformers 5 fuses them on load."""
+def _save_tiny_moe(path: Path) -> None:
+    """A 2-layer Qwen3-MoE with 4 experts, bf16, random weights: one tensor per expert in the files."""
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
         num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
     )  # fmt: skip
-    transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+
+
+def test_renamed_weights_go_through_transformers_loader(tmp_path: Path) -> None:
+    """A mixture-of-experts checkpoint stores one tensor per expert; transformers 5 fuses them on load."""
+    _save_tiny_moe(tmp_path)
     llm = load_transformers_model(tmp_path, dtype="bfloat16", device="cpu")
     ref = _reference(tmp_path, torch.bfloat16)
     with torch.no_grad():
@@ -232,12 +237,7 @@ def test_cuda_logits_equal_and_in_place(request: pytest.FixtureRequest, fixture:
 
 @pytest.mark.gpu
 def test_cuda_renamed_weights(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
-        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-    )  # fmt: skip
-    transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    _save_tiny_moe(tmp_path)
     llm = load_transformers_model(tmp_path, dtype="bfloat16", device="cuda")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda")
     with torch.no_grad():

@@ -78,9 +78,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 headers["X-Repo-Commit"] = commit
             self._send(status, headers, json.dumps({"error": code}).encode())
 
-        def _commit(self, repo: str, rev: str) -> str | None:
+        def _files(self, repo: str, rev: str) -> tuple[str, dict[str, bytes]] | None:
+            """(commit, files) of a revision; None after answering the hub's error for it."""
+            if repo not in hub.repos:
+                self._error("RepoNotFound", 401)
+                return None
             entry = hub.repos[repo]
-            return rev if rev in entry["commits"] else entry["refs"].get(rev)
+            commit = rev if rev in entry["commits"] else entry["refs"].get(rev)
+            if commit is None:
+                self._error("RevisionNotFound")
+                return None
+            return commit, entry["commits"][commit]
 
         def do_HEAD(self) -> None:
             self.do_GET()
@@ -94,24 +102,20 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     "/".join(parts[:2]),
                     (parts[3] if len(parts) == 4 and parts[2] == "revision" else "main"),
                 )
-                if repo not in hub.repos:
-                    return self._error("RepoNotFound", 401)
-                commit = self._commit(repo, rev)
-                if commit is None:
-                    return self._error("RevisionNotFound")
-                files = hub.repos[repo]["commits"][commit]
+                found = self._files(repo, rev)
+                if found is None:
+                    return None
+                commit, files = found
                 siblings = [{"rfilename": n, "size": len(b)} for n, b in sorted(files.items())]
                 body = json.dumps({"id": repo, "sha": commit, "siblings": siblings}).encode()
                 return self._send(200, {"Content-Type": "application/json"}, body)
             if "/resolve/" in path:
                 repo, rest = path.lstrip("/").split("/resolve/", 1)
                 rev, filename = rest.split("/", 1)
-                if repo not in hub.repos:
-                    return self._error("RepoNotFound", 401)
-                commit = self._commit(repo, rev)
-                if commit is None:
-                    return self._error("RevisionNotFound")
-                files = hub.repos[repo]["commits"][commit]
+                found = self._files(repo, rev)
+                if found is None:
+                    return None
+                commit, files = found
                 if filename not in files or filename in hub.missing:
                     return self._error("EntryNotFound", commit=commit)
                 body = files[filename]

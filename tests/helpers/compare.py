@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import mmap
 import os
@@ -11,6 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from flashtensors.bench.cache import drop_cache
+from flashtensors.engine.sysio import _libc
 
 
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -45,25 +47,12 @@ def read_chars() -> int:
     raise RuntimeError("no rchar in /proc/self/io")
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
 def cached_fraction(path: str | os.PathLike[str]) -> float | None:
     """Share of a file's pages in the page cache (mincore on a fresh mapping); None if it cannot be told.
 
-    Python's mmap object does not expose its address, and mapping through it would not tell us anything
-    the kernel's mincore does not, so the mapping is made with libc directly.
+    Python's mmap object does not expose its address, so the mapping is made with libc directly (the
+    engine's ctypes bindings). The scan itself is independent of the engine's sampled one: it asks
+    mincore about every page.
     """
     size = os.path.getsize(path)
     if size == 0:
@@ -87,12 +76,7 @@ def cached_fraction(path: str | os.PathLike[str]) -> float | None:
 
 def drop_from_cache(path: str | os.PathLike[str]) -> bool:
     """Ask the kernel to forget a file's clean pages; True if it is then (almost) out of the cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_cache([path], "fadvise")
     frac = cached_fraction(path)
     return frac is not None and frac < 0.05
 
