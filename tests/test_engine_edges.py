@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -152,3 +153,31 @@ def test_no_descriptor_or_thread_leaks(index_dir: Path, tmp_path: Path) -> None:
             list(ft.iter_tensors(index_dir))
     assert _open_fds() == fds
     assert threading.active_count() == threads
+
+
+def test_header_cache_sees_a_rewritten_file(tmp_path: Path) -> None:
+    """Headers of settled files are cached; a rewrite (new size or time) is parsed again, and a file
+    rewritten within the same clock tick is never served from the cache."""
+    from flashtensors.format import safetensors as fmt
+
+    path = tmp_path / "m.safetensors"
+    first = [random_spec("a", "F32", (64,), 1)]
+    write(path, build(first))
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    assert [t.name for t in fmt.read_header(path).tensors] == ["a"]
+    assert fmt.read_header(path) is fmt.read_header(path)  # settled: served from the cache
+    second = [random_spec("b", "F32", (64,), 2)]  # same size, other name
+    write(path, build(second))
+    os.utime(path, (old + 1, old + 1))  # settled, but not the time the cached header was read at
+    assert [t.name for t in fmt.read_header(path).tensors] == ["b"]
+    assert_same(load_state_dict(path), expected_tensors(second))
+    # Racy: read just after writing, then rewritten within the same clock tick (emulated by giving the
+    # rewrite the first write's exact time). The first read must not have been cached.
+    third, fourth = [random_spec("c", "F32", (64,), 3)], [random_spec("d", "F32", (64,), 4)]
+    write(path, build(third))
+    assert [t.name for t in fmt.read_header(path).tensors] == ["c"]
+    tick = path.stat().st_mtime_ns
+    write(path, build(fourth))
+    os.utime(path, ns=(tick, tick))
+    assert [t.name for t in fmt.read_header(path).tensors] == ["d"]

@@ -229,3 +229,29 @@ def test_slow_pinning_switches_to_the_ring(
         assert_same(result.tensors, reference_load(checkpoint), device=DEV)
         switched = "pinned-mmap+buffered" in set(result.stats.paths.values())
         assert switched == (probe_bytes == 1 or checkpoint == ring_file)
+
+
+@pytest.mark.parametrize("chunk", [None, 1024 * 1024], ids=["one-registration", "1MiB-registrations"])
+def test_hot_loads_from_pinned_files(
+    misaligned_file: Path,
+    index_dir: Path,
+    ring_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk: int | None,
+) -> None:
+    """Files pinned in the RAM tier load by one DMA per registration, bit for bit, misaligned tensors
+    relocated; with 1 MiB registrations the copies are cut at registration boundaries."""
+    from flashtensors.engine import pinned
+
+    if chunk is not None:
+        pin_one = pinned._pin_one
+        monkeypatch.setattr(pinned, "_pin_one", lambda path, _chunk, threads: pin_one(path, chunk, threads))
+    ft.configure(mem_pool_size=1 << 30)
+    try:
+        for checkpoint in (misaligned_file, index_dir, ring_file):
+            ft.pin(checkpoint)
+            result = load(checkpoint, device=DEV)
+            assert set(result.stats.paths.values()) == {"pinned"}
+            assert_same(result.tensors, reference_load(checkpoint), device=DEV)
+    finally:
+        ft.unpin()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +59,12 @@ def _choose(region: FileRegion, device: torch.device, forced: str, settings: Set
 
 
 def _read(
-    plan: Plan, arena: torch.Tensor, device: torch.device, forced: str, settings: Settings
+    plan: Plan,
+    arena: torch.Tensor,
+    device: torch.device,
+    forced: str,
+    settings: Settings,
+    while_copying: Callable[[], None] | None = None,
 ) -> dict[str, str]:
     chosen: dict[str, list[FileRegion]] = {}
     for region in plan.regions:
@@ -69,7 +74,7 @@ def _read(
         if device.type == "cpu":
             modes = readers.read_into_host(regions, arena, settings, direct=path == "direct")
         elif path == "pinned":
-            readers.read_pinned(regions, arena, [pinned.lookup(r.path) for r in regions])
+            readers.read_pinned(regions, arena, [pinned.lookup(r.path) for r in regions], while_copying)
             modes = ["pinned"] * len(regions)
         elif path == "pinned-mmap":
             modes = readers.read_pinned_mmap(regions, arena, settings)
@@ -79,7 +84,8 @@ def _read(
     return used
 
 
-def _place(plan: Plan, arena: torch.Tensor) -> dict[str, torch.Tensor]:
+def _views(plan: Plan, arena: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tensor as a view into the arena (no data is touched: this may run while copies fly)."""
     out: dict[str, torch.Tensor] = {}
     for p in plan.placements:
         info = p.info
@@ -89,10 +95,15 @@ def _place(plan: Plan, arena: torch.Tensor) -> dict[str, torch.Tensor]:
         if info.nbytes == 0:
             out[info.name] = torch.empty(info.shape, dtype=dtype, device=arena.device)
             continue
-        if p.offset != p.source:  # misaligned in the file: move to its aligned slot first
-            arena[p.offset : p.offset + info.nbytes].copy_(arena[p.source : p.source + info.nbytes])
         out[info.name] = arena[p.offset : p.offset + info.nbytes].view(dtype).view(info.shape)
     return out
+
+
+def _relocate(plan: Plan, arena: torch.Tensor) -> None:
+    """Move tensors misaligned in their file to their aligned slots (after the read)."""
+    for p in plan.placements:
+        if p.offset != p.source and p.info.nbytes:
+            arena[p.offset : p.offset + p.info.nbytes].copy_(arena[p.source : p.source + p.info.nbytes])
 
 
 def load(
@@ -128,8 +139,11 @@ def load(
     start = time.perf_counter()
     plan = make_plan(resolve_files(checkpoint))
     arena = devices.allocate_arena(plan.arena_size, dev)
-    paths = _read(plan, arena, dev, forced, settings)
-    tensors = _place(plan, arena)
+    tensors: dict[str, torch.Tensor] = {}
+    paths = _read(plan, arena, dev, forced, settings, lambda: tensors.update(_views(plan, arena)))
+    if not tensors and plan.placements:
+        tensors = _views(plan, arena)
+    _relocate(plan, arena)
     if dtype is not None:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     if dev.type == "cuda":

@@ -69,7 +69,7 @@ class PinnedBuffer:
     """
 
     def __init__(self, nbytes: int) -> None:
-        self.mapping = Mapping(None, nbytes)
+        self.mapping = Mapping(None, nbytes, huge=True)
         try:
             host_register(self.mapping.address, self.mapping.length)
         except OSError:

@@ -108,10 +108,22 @@ def read_into_host(
     return used
 
 
+_streams = threading.local()
+
+
 def side_stream(device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.Stream:
     """A stream for our copies that first waits for the caller's stream: the arena may be memory the
-    caching allocator just recycled from a tensor that kernels queued there still read."""
-    stream = torch.cuda.Stream(device=device)
+    caching allocator just recycled from a tensor that kernels queued there still read.
+
+    One stream per thread and device, kept: creating one costs ~3 ms the first time (measured on the
+    H100 machine), a tenth of a hot 0.6B load.
+    """
+    cache = getattr(_streams, "by_device", None)
+    if cache is None:
+        cache = _streams.by_device = {}
+    stream = cache.get(device)
+    if stream is None:
+        stream = cache[device] = torch.cuda.Stream(device=device)
     stream.wait_stream(caller)
     return stream
 
@@ -336,11 +348,17 @@ def _tail(region: FileRegion, start: int) -> FileRegion:
     return replace(region, file_start=start, arena_offset=region.arena_offset + start - region.file_start)
 
 
-def read_pinned(regions: list[FileRegion], arena: torch.Tensor, entries: list[object]) -> None:
+def read_pinned(
+    regions: list[FileRegion],
+    arena: torch.Tensor,
+    entries: list[object],
+    while_copying: Callable[[], None] | None = None,
+) -> None:
     """DMA files already pinned in the RAM tier, on one stream, then one sync.
 
     A copy may not span two registrations (the driver answers "invalid argument"), so copies are cut at
-    the boundaries of the chunks each file was registered in.
+    the boundaries of the chunks each file was registered in. ``while_copying`` runs once every copy is
+    queued, before the sync (the load builds its tensor views there).
     """
     stream = side_stream(arena.device, torch.cuda.current_stream(arena.device))
     with torch.cuda.stream(stream):
@@ -353,4 +371,8 @@ def read_pinned(regions: list[FileRegion], arena: torch.Tensor, entries: list[ob
                 dst = region.arena_offset + off - region.file_start
                 arena[dst : dst + n].copy_(devices.host_view(base + off, n), non_blocking=True)
                 off += n
-    stream.synchronize()
+    try:
+        if while_copying is not None:
+            while_copying()
+    finally:
+        stream.synchronize()
