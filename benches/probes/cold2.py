@@ -1,0 +1,47 @@
+"""Cold loads in rotation, each a fresh process: ft variants (FLASH_* env) and peers.
+python cold2.py DIR REPS"""
+import json, os, subprocess, sys, time, statistics
+sys.path.insert(0, "src")
+from flashtensors.bench.cache import drop_cache, chunks, parallel_read
+D = sys.argv[1]; reps = int(sys.argv[2])
+files = sorted(os.path.join(D, f) for f in os.listdir(D) if f.endswith(".safetensors"))
+total = sum(os.path.getsize(f) for f in files)
+M = 2**20
+configs = {
+    "ft direct 8t16M": ("ft", dict(FLASH_READ_PATH="direct")),
+    "ft buffered 16t16M": ("ft", dict(FLASH_READ_PATH="buffered")),
+    "ft buffered 16t64M": ("ft", dict(FLASH_READ_PATH="buffered", FLASH_CHUNK_SIZE="64M", FLASH_RING_SIZE="1G")),
+    "ft direct 16t64M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="16", FLASH_CHUNK_SIZE="64M", FLASH_RING_SIZE="1G")),
+    "fastsafetensors": ("fastsafetensors", {}),
+    "runai": ("runai", {}),
+    "raw O_DIRECT 8t": ("raw", {}),
+}
+CHILD = r'''
+import sys, time, torch
+sys.path.insert(0, "src")
+from flashtensors.bench import loaders
+name, D = sys.argv[1], sys.argv[2]
+torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
+import glob, pathlib
+t = loaders.Target(pathlib.Path(D), tuple(pathlib.Path(f) for f in sorted(glob.glob(D + "/*.safetensors"))))
+fn = {"ft": loaders._flashtensors, "fastsafetensors": loaders._fastsafetensors, "runai": loaders._runai}[name]
+s = time.perf_counter(); sd = fn(t, "cuda"); torch.cuda.synchronize(); print("T", time.perf_counter() - s)
+'''
+res = {k: [] for k in configs}
+names = list(configs)
+for rep in range(reps):
+    order = names[rep % len(names):] + names[:rep % len(names)]
+    for name in order:
+        kind, env = configs[name]
+        drop_cache(files, "drop_caches")
+        if kind == "raw":
+            s = time.perf_counter(); parallel_read(chunks(files), 8, direct=True); el = time.perf_counter() - s
+        else:
+            p = subprocess.run([sys.executable, "-c", CHILD, kind, D], env={**os.environ, **env}, capture_output=True, text=True)
+            lines = [l for l in p.stdout.splitlines() if l.startswith("T ")]
+            if not lines:
+                print(name, "FAILED", p.stderr[-800:], flush=True); continue
+            el = float(lines[-1][2:])
+        res[name].append(round(total / el / 1e9, 3))
+        print(rep, name, res[name][-1], flush=True)
+print("COLD " + json.dumps({k: (statistics.median(v) if v else None, v) for k, v in res.items()}), flush=True)
