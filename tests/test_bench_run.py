@@ -281,3 +281,16 @@ def test_bad_options(ckpt_dir: Path) -> None:
         with pytest.raises(DeviceError, match="no CUDA") as info:
             run_bench(ckpt, RunOptions(device="cuda"))
         assert "--device cpu" in info.value.hint
+
+
+@pytest.mark.parametrize("scenario", ["cold", "warm", "hot"])
+def test_flashtensors_runs_record_the_read_path_of_each_file(ckpt_dir: Path, scenario: str) -> None:
+    """So a surprising figure can be traced to the path the engine took (the peers record nothing)."""
+    record = worker.run_load(_spec(ckpt_dir, "flashtensors", scenario))
+    files = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
+    assert sorted(record["read_paths"]) == files
+    assert set(record["read_paths"].values()) <= {"direct", "buffered"}  # the CPU paths
+    if scenario != "cold":  # in the page cache: a memcpy, whatever residency the cold drop left
+        assert set(record["read_paths"].values()) == {"buffered"}
+    peer = worker.run_load(_spec(ckpt_dir, "safetensors", scenario))
+    assert "read_paths" not in peer

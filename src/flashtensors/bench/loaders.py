@@ -26,10 +26,23 @@ def _cuda0(device: str) -> str:
     return "cuda:0" if device == "cuda" else device
 
 
-def _flashtensors(target: Target, device: str) -> Mapping[str, Any]:
-    from flashtensors.engine.api import load_state_dict
+_details: dict[str, Any] = {}
 
-    return load_state_dict(str(target.directory), device=device)
+
+def take_details() -> dict[str, Any]:
+    """What the last load said about itself, then forget it. flashtensors reports the read path each
+    file took (``read_paths``: file name -> path); the peers report nothing."""
+    out = dict(_details)
+    _details.clear()
+    return out
+
+
+def _flashtensors(target: Target, device: str) -> Mapping[str, Any]:
+    from flashtensors.engine.api import load
+
+    result = load(str(target.directory), device=device)
+    _details["read_paths"] = {Path(path).name: mode for path, mode in result.stats.paths.items()}
+    return result.tensors
 
 
 def _safetensors(target: Target, device: str) -> Mapping[str, Any]:
@@ -110,7 +123,7 @@ LOADERS: dict[str, Loader] = {
             ("flashtensors.engine.api",),
             ("cpu", "cuda"),
             _flashtensors,
-            "flashtensors.engine.api.load_state_dict(dir, device=dev)",
+            "flashtensors.engine.api.load(dir, device=dev).tensors",
         ),
         Loader(
             "safetensors",

@@ -352,6 +352,8 @@ def _progress_line(done: int, total: int, record: dict[str, Any], nbytes: int) -
     line = f"{head}  {seconds:8.3f} s  {gbps:7.2f} GB/s  {record['status']}"
     if "loader" not in record:
         line += f"  ({record['threads']} threads, {record['method']})"
+    if record.get("read_paths"):  # flashtensors: which read path its files took
+        line += "  (" + ", ".join(sorted(set(record["read_paths"].values()))) + ")"
     if record["status"] == "FAIL":
         line += "  CHECKSUM MISMATCH: " + "; ".join(record["mismatches"])
     return line + f"  [wall {record['wall_seconds']:.2f} s]"
