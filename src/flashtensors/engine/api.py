@@ -46,8 +46,6 @@ class LoadResult:
 
 
 def _choose(region: FileRegion, device: torch.device, forced: str, settings: Settings) -> str:
-    if device.type == "cuda" and pinned.lookup(region.path) is not None and forced in ("auto", "pinned-mmap"):
-        return "pinned"
     if forced != "auto":
         if forced == "pinned-mmap" and device.type == "cpu":
             return "buffered"  # pinning only helps DMA; for a CPU destination it is a memcpy either way
@@ -67,21 +65,32 @@ def _read(
     while_copying: Callable[[], None] | None = None,
 ) -> dict[str, str]:
     chosen: dict[str, list[FileRegion]] = {}
-    for region in plan.regions:
-        chosen.setdefault(_choose(region, device, forced, settings), []).append(region)
-    used: dict[str, str] = {}
-    for path, regions in chosen.items():
-        if device.type == "cpu":
-            modes = readers.read_into_host(regions, arena, settings, direct=path == "direct")
-        elif path == "pinned":
-            readers.read_pinned(regions, arena, [pinned.lookup(r.path) for r in regions], while_copying)
-            modes = ["pinned"] * len(regions)
-        elif path == "pinned-mmap":
-            modes = readers.read_pinned_mmap(regions, arena, settings)
-        else:
-            modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
-        used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
-    return used
+    held: list[pinned.PinnedFile] = []  # files of the RAM tier this load reads, held until it is done
+    try:
+        for region in plan.regions:
+            entry = None
+            if device.type == "cuda" and forced in ("auto", "pinned-mmap"):
+                entry = pinned.acquire(region.path)
+            if entry is not None:
+                held.append(entry)
+                chosen.setdefault("pinned", []).append(region)
+            else:
+                chosen.setdefault(_choose(region, device, forced, settings), []).append(region)
+        used: dict[str, str] = {}
+        for path, regions in chosen.items():
+            if device.type == "cpu":
+                modes = readers.read_into_host(regions, arena, settings, direct=path == "direct")
+            elif path == "pinned":
+                readers.read_pinned(regions, arena, held, while_copying)
+                modes = ["pinned"] * len(regions)
+            elif path == "pinned-mmap":
+                modes = readers.read_pinned_mmap(regions, arena, settings)
+            else:
+                modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
+            used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
+        return used
+    finally:
+        pinned.release(held)
 
 
 def _views(plan: Plan, arena: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,6 +27,8 @@ class PinnedFile:
     mapping: Mapping
     chunk_size: int  # registered in pieces of this size from the start of the mapping
     chunks: list[int]  # registered start addresses
+    users: int = 0  # loads reading from it right now (see acquire)
+    retired: bool = False  # unpinned or stale: released when the last user is done
 
     def still_valid(self) -> bool:
         try:
@@ -50,15 +52,51 @@ def _key(path: Path) -> Path:
     return path.resolve()
 
 
-def lookup(path: Path) -> PinnedFile | None:
-    """The pinned copy of ``path``, if there is one and the file has not changed since."""
-    with _lock:
-        entry = _pinned.get(_key(path))
-        if entry is not None and not entry.still_valid():
+def _retire(key: Path) -> None:
+    """Drop ``key`` from the pool (``_lock`` held); its pins go now, or when its last reader is done."""
+    entry = _pinned.pop(key, None)
+    if entry is not None:
+        entry.retired = True
+        if entry.users == 0:
             entry.release()
-            del _pinned[_key(path)]
+
+
+def lookup(path: Path) -> PinnedFile | None:
+    """The pinned copy of ``path``, if there is one and the file has not changed since.
+
+    Only a hint: another thread may unpin it at any time. A load that DMAs from it uses :func:`acquire`.
+    """
+    with _lock:
+        key = _key(path)
+        entry = _pinned.get(key)
+        if entry is not None and not entry.still_valid():
+            _retire(key)
             return None
         return entry
+
+
+def acquire(path: Path) -> PinnedFile | None:
+    """Like :func:`lookup`, and hold the pinned copy for a read until :func:`release`: an ``unpin``
+    meanwhile takes it out of the pool at once but unregisters and unmaps it only after the read."""
+    with _lock:
+        key = _key(path)
+        entry = _pinned.get(key)
+        if entry is None:
+            return None
+        if not entry.still_valid():
+            _retire(key)
+            return None
+        entry.users += 1
+        return entry
+
+
+def release(entries: list[PinnedFile]) -> None:
+    """End reads begun with :func:`acquire` (the DMA from them has completed)."""
+    with _lock:
+        for entry in entries:
+            entry.users -= 1
+            if entry.retired and entry.users == 0:
+                entry.release()
 
 
 def pinned_bytes() -> int:
@@ -124,10 +162,9 @@ def pin(checkpoint: Checkpoint) -> list[Path]:
 
 
 def unpin(checkpoint: Checkpoint | None = None) -> None:
-    """Release the pins of a checkpoint's files (or of every pinned file when None)."""
-    keys = list(_pinned) if checkpoint is None else [_key(f) for f in resolve_files(checkpoint)]
+    """Release the pins of a checkpoint's files (or of every pinned file when None). A file a load is
+    reading right now leaves the pool at once and is unpinned when that load's copies are done."""
+    keys = None if checkpoint is None else [_key(f) for f in resolve_files(checkpoint)]
     with _lock:
-        for k in keys:
-            entry = _pinned.pop(k, None)
-            if entry is not None:
-                entry.release()
+        for k in list(_pinned) if keys is None else keys:
+            _retire(k)

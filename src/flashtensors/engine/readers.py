@@ -17,9 +17,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -351,7 +352,7 @@ def _tail(region: FileRegion, start: int) -> FileRegion:
 def read_pinned(
     regions: list[FileRegion],
     arena: torch.Tensor,
-    entries: list[object],
+    entries: Sequence[Any],
     while_copying: Callable[[], None] | None = None,
 ) -> None:
     """DMA files already pinned in the RAM tier, on one stream, then one sync.
@@ -363,8 +364,8 @@ def read_pinned(
     stream = side_stream(arena.device, torch.cuda.current_stream(arena.device))
     with torch.cuda.stream(stream):
         for region, entry in zip(regions, entries, strict=True):
-            base = entry.mapping.address  # type: ignore[attr-defined]
-            chunk = entry.chunk_size  # type: ignore[attr-defined]
+            base = entry.mapping.address
+            chunk = entry.chunk_size
             off = region.file_start
             while off < region.file_end:
                 n = min(chunk - off % chunk, region.file_end - off)
