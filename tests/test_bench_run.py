@@ -294,3 +294,25 @@ def test_flashtensors_runs_record_the_read_path_of_each_file(ckpt_dir: Path, sce
         assert set(record["read_paths"].values()) == {"buffered"}
     peer = worker.run_load(_spec(ckpt_dir, "safetensors", scenario))
     assert "read_paths" not in peer
+
+
+@pytest.mark.parametrize("fill", ["keep", "fresh"])
+def test_warm_fill_keeps_or_rereads_the_page_cache(ckpt_dir: Path, fill: str) -> None:
+    from helpers.compare import drop_from_cache
+
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    warm_cache(files)  # resident, as a previous run would leave them
+    if fill == "fresh" and not drop_from_cache(files[0]):
+        pytest.skip("this filesystem does not let a file's pages be evicted")
+    warm_cache(files)
+    spec = dict(_spec(ckpt_dir, "flashtensors", "warm"), warm_fill=fill)
+    record = worker.run_load(spec)
+    total = sum(f.stat().st_size for f in files)
+    assert record["warm_read_bytes"] == (total if fill == "fresh" else 0)
+    assert record["cache"] == ("warm, re-read sequentially" if fill == "fresh" else "warm")
+    assert record["checksums"] == resolve_checkpoint(ckpt_dir).reference
+
+
+def test_bad_warm_fill(ckpt_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="--warm-fill"):
+        RunOptions(device="cpu", warm_fill="sometimes").validate()

@@ -176,6 +176,16 @@ def format_header(report: dict[str, Any]) -> str:
             + ", ".join(caches)
             + (" (per-file posix_fadvise DONTNEED: drop_caches refused)" if caches == ["fadvise"] else "")
         )
+    fill = report.get("options", {}).get("warm_fill")
+    if fill and any(r.get("scenario") in ("warm", "hot") for r in report["runs"]):
+        lines.append(
+            "warm cache: "
+            + (
+                "each run evicts the files and reads them once, sequentially (--warm-fill fresh)"
+                if fill == "fresh"
+                else "pages already resident are kept as the previous run left them (--warm-fill keep)"
+            )
+        )
     repeats = report["options"]["repeat"]
     if repeats < 3:
         lines.append(f"note: median of {repeats} run(s); BENCH.md asks for at least 3")

@@ -33,6 +33,7 @@ from flashtensors.format.safetensors import FileHeader, read_header
 
 SCENARIOS = ("cold", "warm", "hot", "e2e")
 CLI_MODULE = "flashtensors.cli.app"
+WARM_FILLS = ("keep", "fresh")  # warm and hot: keep resident pages as found, or evict and re-read them
 DISK = "disk (O_DIRECT)"  # the raw read interleaved with the cold runs, in progress lines and disk_runs
 GiB = 1024**3
 # transformers imports lazily: the fork server imports what a load and a generate touch, or each run
@@ -70,6 +71,7 @@ class RunOptions:
     repeat: int = 3
     device: str = "cuda"
     cache_drop: str = "auto"
+    warm_fill: str = "keep"
     limits: bool = True
     limit_bytes: int = 8 * GiB
     h2d_bytes: int = 2 * GiB
@@ -98,6 +100,11 @@ class RunOptions:
             raise ConfigError(f"--repeat must be at least 1, not {self.repeat}")
         if self.cache_drop not in CACHE_DROP_METHODS:
             raise ConfigError(f"--cache-drop must be one of {', '.join(CACHE_DROP_METHODS)}")
+        if self.warm_fill not in WARM_FILLS:
+            raise ConfigError(
+                f"--warm-fill must be one of {', '.join(WARM_FILLS)}, not {self.warm_fill!r}",
+                hint="run `flash bench run --help`",
+            )
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
         hint = "run `flash bench run --help`"
@@ -200,6 +207,7 @@ def run_bench(
         "files": [str(f) for f in ckpt.files],
         "device": options.device,
         "cache_drop": options.cache_drop,
+        "warm_fill": options.warm_fill,
     }
     report: dict[str, Any] = {
         "checkpoint": _describe(ckpt),

@@ -106,6 +106,13 @@ def run_cmd(
     cache_drop: Annotated[
         str, typer.Option(help="cold cache: auto, drop_caches (root) or fadvise (per file)")
     ] = "auto",
+    warm_fill: Annotated[
+        str,
+        typer.Option(
+            help="warm and hot: keep (pages already in the page cache stay as the previous run left "
+            "them) or fresh (evict the files and read them once, sequentially, before every run)"
+        ),
+    ] = "keep",
     limits: Annotated[bool, typer.Option(help="measure disk, page cache, memcpy and PCIe first")] = True,
     limit_bytes: Annotated[str, typer.Option(help="bytes read per disk/page-cache measurement")] = "8G",
     h2d_bytes: Annotated[str, typer.Option(help="size of the pinned host->GPU copy")] = "2G",
@@ -147,6 +154,7 @@ def run_cmd(
         repeat=repeat,
         device=_default_device() if device == "auto" else device,
         cache_drop=cache_drop,
+        warm_fill=warm_fill,
         limits=limits,
         limit_bytes=_parse_size(limit_bytes),
         h2d_bytes=_parse_size(h2d_bytes),
@@ -162,7 +170,8 @@ def run_cmd(
     report["command"] = shlex.join(
         ["flash", "bench", "run", checkpoint, "--scenarios", ",".join(options.scenarios)]
         + ["--loaders", ",".join(options.loaders), "--repeat", str(repeat), "--device", options.device]
-        + ["--cache-drop", cache_drop, "--start", start, *([] if limits else ["--no-limits"])]
+        + ["--cache-drop", cache_drop, "--warm-fill", warm_fill, "--start", start]
+        + ([] if limits else ["--no-limits"])
     )
     rows = summarize(report)
     report["summary"] = rows
