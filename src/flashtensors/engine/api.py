@@ -150,7 +150,7 @@ def load(
     arena = devices.allocate_arena(plan.arena_size, dev)
     tensors: dict[str, torch.Tensor] = {}
     paths = _read(plan, arena, dev, forced, settings, lambda: tensors.update(_views(plan, arena)))
-    if not tensors and plan.placements:
+    if not tensors:  # no pinned file to overlap the views with
         tensors = _views(plan, arena)
     _relocate(plan, arena)
     if dtype is not None:

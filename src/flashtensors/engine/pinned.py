@@ -61,32 +61,32 @@ def _retire(key: Path) -> None:
             entry.release()
 
 
+def _current(path: Path) -> PinnedFile | None:
+    """The pool's entry for ``path`` (``_lock`` held), retired instead when the file has changed."""
+    key = _key(path)
+    entry = _pinned.get(key)
+    if entry is not None and not entry.still_valid():
+        _retire(key)
+        return None
+    return entry
+
+
 def lookup(path: Path) -> PinnedFile | None:
     """The pinned copy of ``path``, if there is one and the file has not changed since.
 
     Only a hint: another thread may unpin it at any time. A load that DMAs from it uses :func:`acquire`.
     """
     with _lock:
-        key = _key(path)
-        entry = _pinned.get(key)
-        if entry is not None and not entry.still_valid():
-            _retire(key)
-            return None
-        return entry
+        return _current(path)
 
 
 def acquire(path: Path) -> PinnedFile | None:
     """Like :func:`lookup`, and hold the pinned copy for a read until :func:`release`: an ``unpin``
     meanwhile takes it out of the pool at once but unregisters and unmaps it only after the read."""
     with _lock:
-        key = _key(path)
-        entry = _pinned.get(key)
-        if entry is None:
-            return None
-        if not entry.still_valid():
-            _retire(key)
-            return None
-        entry.users += 1
+        entry = _current(path)
+        if entry is not None:
+            entry.users += 1
         return entry
 
 
