@@ -181,3 +181,27 @@ def test_header_cache_sees_a_rewritten_file(tmp_path: Path) -> None:
     write(path, build(fourth))
     os.utime(path, ns=(tick, tick))
     assert [t.name for t in fmt.read_header(path).tensors] == ["d"]
+
+
+def test_plan_is_reused_only_while_every_header_is_unchanged(tmp_path: Path) -> None:
+    """A load of unchanged, settled files reuses its layout; a rewritten shard gets a fresh one, and the
+    load returns the new bytes bit for bit."""
+    from flashtensors.engine.plan import make_plan
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write(a, build([random_spec("x", "F32", (64,), 1)]))
+    write(b, build([random_spec("y", "BF16", (8, 8), 2)]))
+    old = time.time() - 60
+    for p in (a, b):
+        os.utime(p, (old, old))
+    first = make_plan([a, b])
+    assert make_plan([a, b]) is first
+    assert make_plan([b, a]) is not first  # another order is another layout
+    assert [p.info.name for p in make_plan([b, a]).placements] == ["y", "x"]
+    grown = [random_spec("y", "BF16", (8, 8), 2), random_spec("z", "F16", (3,), 3)]
+    write(b, build(grown))
+    os.utime(b, (old + 1, old + 1))
+    second = make_plan([a, b])
+    assert second is not first
+    assert [p.info.name for p in second.placements] == ["x", "y", "z"]
+    assert_same(load_state_dict([a, b]), expected_tensors([random_spec("x", "F32", (64,), 1), *grown]))

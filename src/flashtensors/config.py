@@ -106,7 +106,7 @@ VARIABLES: tuple[Variable, ...] = (
         "FLASH_REGISTER_CHUNK",
         "register_chunk",
         _parse_size,
-        "bytes pinned per cudaHostRegister call on the warm path",
+        "most bytes pinned per cudaHostRegister call on the warm path",
     ),
     Variable(
         "FLASH_RESIDENT_FRACTION",

@@ -6,6 +6,7 @@ plan (headers -> arena layout) -> read (a path per file) -> place (tensors as vi
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +57,22 @@ def _choose(region: FileRegion, device: torch.device, forced: str, settings: Set
     return "pinned-mmap" if warm else "direct"
 
 
+def _once(fn: Callable[[], None] | None) -> Callable[[], None] | None:
+    """``fn`` made to run at most once (a load may take both the pinned and the pinned-mmap path)."""
+    if fn is None:
+        return None
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def run() -> None:
+        with lock:
+            if not done.is_set():
+                done.set()
+                fn()
+
+    return run
+
+
 def _read(
     plan: Plan,
     arena: torch.Tensor,
@@ -66,6 +83,7 @@ def _read(
 ) -> dict[str, str]:
     chosen: dict[str, list[FileRegion]] = {}
     held: list[pinned.PinnedFile] = []  # files of the RAM tier this load reads, held until it is done
+    once = _once(while_copying)
     try:
         for region in plan.regions:
             entry = None
@@ -81,10 +99,10 @@ def _read(
             if device.type == "cpu":
                 modes = readers.read_into_host(regions, arena, settings, direct=path == "direct")
             elif path == "pinned":
-                readers.read_pinned(regions, arena, held, while_copying)
+                readers.read_pinned(regions, arena, held, once)
                 modes = ["pinned"] * len(regions)
             elif path == "pinned-mmap":
-                modes = readers.read_pinned_mmap(regions, arena, settings)
+                modes = readers.read_pinned_mmap(regions, arena, settings, once)
             else:
                 modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
             used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
@@ -150,7 +168,7 @@ def load(
     arena = devices.allocate_arena(plan.arena_size, dev)
     tensors: dict[str, torch.Tensor] = {}
     paths = _read(plan, arena, dev, forced, settings, lambda: tensors.update(_views(plan, arena)))
-    if not tensors:  # no pinned file to overlap the views with
+    if not tensors:  # no pinned copy to overlap the views with
         tensors = _views(plan, arena)
     _relocate(plan, arena)
     if dtype is not None:

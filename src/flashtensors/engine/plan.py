@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +130,34 @@ def resolve_files(checkpoint: Checkpoint) -> list[Path]:
     raise ModelNotFound(f"not a file or folder: {path}", hint="check the path")
 
 
+_PLAN_CACHE_SIZE = 64
+_plans: OrderedDict[tuple[int, ...], tuple[tuple[FileHeader, ...], Plan]] = OrderedDict()
+_plans_lock = threading.Lock()
+
+
 def make_plan(files: list[Path]) -> Plan:
-    """Read and validate every header (before any data byte is read) and lay out the arena."""
-    headers = [read_header(f) for f in files]
+    """Read and validate every header (before any data byte is read) and lay out the arena.
+
+    The layout of headers seen before is reused: :func:`read_header` returns the very same header
+    object for a file that has not changed, so a plan whose headers are all identical (``is``) to the
+    ones it was made from is still exact. Laying out 300 tensors costs ~0.5 ms, 2% of a hot 0.6B load.
+    """
+    headers = tuple(read_header(f) for f in files)
+    key = tuple(id(h) for h in headers)
+    with _plans_lock:
+        hit = _plans.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], headers, strict=True)):
+            _plans.move_to_end(key)
+            return hit[1]
+    plan = _layout(headers)
+    with _plans_lock:
+        _plans[key] = (headers, plan)  # holding the headers keeps their ids from being reused
+        while len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
+
+
+def _layout(headers: tuple[FileHeader, ...]) -> Plan:
     seen: dict[str, Path] = {}
     regions: list[FileRegion] = []
     placements: list[Placement] = []
