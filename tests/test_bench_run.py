@@ -230,6 +230,20 @@ def test_limit_for_each_scenario() -> None:
     assert limit_for("cold", {"disk": {"gbps": None, "error": "x"}}, "cpu") == (None, "disk")
 
 
+def test_warm_limit_on_gpu_is_the_faster_way_capped_by_pcie() -> None:
+    """Warm bytes reach a GPU by pinning the page cache in place or by reading it into pinned buffers:
+    the ceiling is the faster of the two, each no faster than PCIe."""
+    limits = {"page_cache": {"gbps": 30.4}, "h2d_pinned": {"gbps": 55.1}, "page_cache_pin": {"gbps": 41.2}}
+    assert limit_for("warm", limits, "cuda") == (41.2, "page_cache_pin")
+    limits["page_cache_pin"] = {"gbps": 60.0}
+    assert limit_for("warm", limits, "cuda") == (55.1, "h2d_pinned")
+    limits["page_cache_pin"] = {"gbps": None, "error": "OSError: refused"}
+    assert limit_for("warm", limits, "cuda") == (30.4, "page_cache")
+    # On CPU pinning is no way in: the page-cache read and memcpy bound it.
+    limits["page_cache_pin"] = {"gbps": 41.2}
+    assert limit_for("warm", limits | {"memcpy": {"gbps": 20.0}}, "cpu") == (20.0, "memcpy")
+
+
 def test_summary_medians_ratios_and_speedups() -> None:
     def run(loader: str, seconds: float, status: str = "ok") -> dict[str, Any]:
         return {"loader": loader, "scenario": "cold", "seconds": seconds, "status": status}

@@ -4,6 +4,9 @@
   (the runner repeats it between the cold runs, because this virtual disk speeds up on re-reads);
 * page cache: buffered reads of the same bytes once they are cached, best of several thread counts;
 * pinned host->GPU copy of >= 2 GiB, timed with CUDA events (GPU only);
+* pinning the page cache in place: cudaHostRegister of the cached files, one call per file (GPU only).
+  A warm load that DMAs from the page cache cannot finish before its pages are pinned, so with PCIe
+  this bounds that path; the page-cache read bounds the other (copying through pinned buffers);
 * host memcpy of a large buffer (the hot/warm ceiling on CPU).
 """
 
@@ -156,6 +159,46 @@ def h2d_bandwidth(nbytes: int = 2 * GiB, device: str = "cuda") -> dict[str, Any]
     return {"gbps": best, "runs": figures, "bytes": nbytes}
 
 
+def pin_bandwidth(files: Sequence[str | Path], limit: int, repeats: int = 2) -> dict[str, Any]:
+    """Pin the cached pages of ``files`` (their first ``limit`` bytes) in place: one cudaHostRegister
+    (read-only) per file over a fresh read-only mapping, timed, then unregistered; best of ``repeats``.
+
+    The files are read into the page cache first (where they are not already). One call per file is
+    the fastest way to pin measured on the H100 machine (~42 GB/s against ~35 in 1 GiB pieces), so this
+    is the rate no warm load that DMAs from the page cache can beat.
+    """
+    from flashtensors.engine import devices
+    from flashtensors.engine.sysio import Mapping, align_up
+
+    spans: list[tuple[Path, int]] = []
+    left = limit
+    for f in files:
+        n = min(os.path.getsize(f), left)
+        if n > 0:
+            spans.append((Path(f), n))
+        left -= n
+    warm_cache([p for p, _ in spans])
+
+    def once() -> tuple[int, float]:
+        maps = [Mapping(p, n) for p, n in spans]
+        pinned: list[int] = []
+        try:
+            t0 = time.perf_counter()
+            for m in maps:
+                devices.host_register(m.address, align_up(m.length, 4096))
+                pinned.append(m.address)
+            seconds = time.perf_counter() - t0
+        finally:
+            for address in pinned:
+                devices.host_unregister(address)
+            for m in maps:
+                m.close()
+        return sum(n for _, n in spans), seconds
+
+    best, figures = _best_gbps(once, repeats)
+    return {"gbps": best, "runs": figures, "bytes": sum(n for _, n in spans), "calls": len(spans)}
+
+
 def _filesystem(path: Path) -> str:
     """The filesystem type holding ``path`` (longest matching mount point in /proc/mounts)."""
     best, fstype = "", "unknown"
@@ -222,7 +265,8 @@ def measure_limits(
         cache_drop: how to empty the page cache before disk reads (see :func:`drop_cache`).
 
     Returns:
-        ``{"disk": {...}, "page_cache": {...}, "memcpy": {...}, "h2d_pinned": {...}}`` (no h2d on CPU).
+        ``{"disk": {...}, "page_cache": {...}, "memcpy": {...}, "h2d_pinned": {...},
+        "page_cache_pin": {...}}`` (the last two on GPU only).
     """
     out: dict[str, Any] = {}
     steps: list[tuple[str, Any]] = [
@@ -232,6 +276,7 @@ def measure_limits(
     ]
     if device.startswith("cuda"):
         steps.append(("h2d_pinned", lambda: h2d_bandwidth(h2d_bytes, device)))
+        steps.append(("page_cache_pin", lambda: pin_bandwidth(files, limit_bytes)))
     for name, step in steps:
         try:
             out[name] = step()
@@ -244,9 +289,10 @@ def limit_for(scenario: str, limits: dict[str, Any], device: str) -> tuple[float
     """The ceiling a scenario is compared with, and its name.
 
     cold: the disk's O_DIRECT rate, from the reads interleaved with the cold runs (``disk_interleaved``,
-    their median) where there are any, else from the limits step at the start (``disk``); warm:
-    min(page cache, PCIe) on GPU, min(page cache, memcpy) on CPU; hot: pinned PCIe on GPU, memcpy on
-    CPU; e2e: the cold/warm rule does not apply (None).
+    their median) where there are any, else from the limits step at the start (``disk``); warm on GPU:
+    the faster of the two ways cached bytes can reach the GPU, each capped by PCIe: pinning the pages
+    in place (``page_cache_pin``) or reading them into pinned buffers (``page_cache``); warm on CPU:
+    min(page cache, memcpy); hot: pinned PCIe on GPU, memcpy on CPU; e2e: no ceiling (None).
     """
 
     def gbps(key: str) -> float | None:
@@ -258,8 +304,13 @@ def limit_for(scenario: str, limits: dict[str, Any], device: str) -> tuple[float
         interleaved = gbps("disk_interleaved")
         return (interleaved, "disk_interleaved") if interleaved else (gbps("disk"), "disk")
     if scenario == "warm":
-        pair = [(v, k) for k, v in ((link, gbps(link)), ("page_cache", gbps("page_cache"))) if v]
-        return min(pair) if pair else (None, "")
+        ways = ["page_cache", "page_cache_pin"] if device.startswith("cuda") else ["page_cache"]
+        capped = []
+        for way in ways:
+            rate = gbps(way)
+            if rate:  # a way that failed to measure bounds nothing
+                capped.append(min([(rate, way)] + ([(gbps(link), link)] if gbps(link) else [])))
+        return max(capped) if capped else (None, "")
     if scenario == "hot":
         return gbps(link), link
     return None, ""

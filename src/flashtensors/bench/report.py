@@ -134,6 +134,7 @@ def format_header(report: dict[str, Any]) -> str:
         ("page_cache", "page cache"),
         ("memcpy", "memcpy"),
         ("h2d_pinned", "pinned H2D"),
+        ("page_cache_pin", "pinning the page cache"),
     ):
         entry = lim.get(key)
         if entry is None:
