@@ -1,5 +1,5 @@
 """Cold loads in rotation, each a fresh process: ft variants (FLASH_* env) and peers.
-python cold2.py DIR REPS"""
+python cold2.py DIR REPS [NAME,NAME...]  (default: every variant below)"""
 import json, os, subprocess, sys, time, statistics
 sys.path.insert(0, "src")
 from flashtensors.bench.cache import drop_cache, chunks, parallel_read
@@ -12,10 +12,15 @@ configs = {
     "ft buffered 16t16M": ("ft", dict(FLASH_READ_PATH="buffered")),
     "ft buffered 16t64M": ("ft", dict(FLASH_READ_PATH="buffered", FLASH_CHUNK_SIZE="64M", FLASH_RING_SIZE="1G")),
     "ft direct 16t64M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="16", FLASH_CHUNK_SIZE="64M", FLASH_RING_SIZE="1G")),
+    "ft direct 16t16M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="16", FLASH_RING_SIZE="512M")),
+    "ft direct 32t8M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="32", FLASH_CHUNK_SIZE="8M", FLASH_RING_SIZE="512M")),
     "fastsafetensors": ("fastsafetensors", {}),
     "runai": ("runai", {}),
     "raw O_DIRECT 8t": ("raw", {}),
+    "raw O_DIRECT 16t": ("raw16", {}),
 }
+if len(sys.argv) > 3:
+    configs = {k: configs[k] for k in sys.argv[3].split(",")}
 CHILD = r'''
 import sys, time, torch
 sys.path.insert(0, "src")
@@ -34,8 +39,9 @@ for rep in range(reps):
     for name in order:
         kind, env = configs[name]
         drop_cache(files, "drop_caches")
-        if kind == "raw":
-            s = time.perf_counter(); parallel_read(chunks(files), 8, direct=True); el = time.perf_counter() - s
+        if kind.startswith("raw"):
+            n = 16 if kind == "raw16" else 8
+            s = time.perf_counter(); parallel_read(chunks(files), n, direct=True); el = time.perf_counter() - s
         else:
             p = subprocess.run([sys.executable, "-c", CHILD, kind, D], env={**os.environ, **env}, capture_output=True, text=True)
             lines = [l for l in p.stdout.splitlines() if l.startswith("T ")]

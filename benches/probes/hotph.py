@@ -1,4 +1,5 @@
-"""Hot load phases in a fresh process: python hotph.py DIR"""
+"""Hot load phases in a fresh process: python hotph.py DIR [empty]
+(empty: torch.cuda.empty_cache() between loads, as the bench does before its timed load)"""
 import json, os, sys, time, subprocess
 import torch
 sys.path.insert(0, "src")
@@ -27,4 +28,6 @@ for i in range(3):
     r = api.load(D, device="cuda"); torch.cuda.synchronize(); el = time.perf_counter() - s
     out.append(dict(s=round(el, 4), GBs=round(total / el / 1e9, 2), ph=dict(ph), paths=sorted(set(r.stats.paths.values()))))
     del r
-print("HOTPH " + json.dumps(out), flush=True)
+    if sys.argv[2:] == ["empty"]:
+        torch.cuda.empty_cache()
+print("HOTPH " + json.dumps([{k: o[k] for k in ("s", "GBs")} | {"dma": o["ph"].get("read_pinned")} for o in out]), flush=True)
