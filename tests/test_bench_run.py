@@ -15,7 +15,7 @@ import torch
 
 from flashtensors.bench import loaders as loaders_mod
 from flashtensors.bench import worker
-from flashtensors.bench.cache import chunks, drop_cache, parallel_read, warm_cache
+from flashtensors.bench.cache import chunks, drop_cache, parallel_read, timed_parallel_read, warm_cache
 from flashtensors.bench.checksum import compare_checksums, digests, tensor_digest
 from flashtensors.bench.limits import limit_for
 from flashtensors.bench.report import format_table, summarize
@@ -273,6 +273,8 @@ def test_cache_helpers(ckpt_dir: Path) -> None:
     assert drop_cache(files, "fadvise") == "fadvise"
     try:
         assert parallel_read(chunks(files), 4, direct=True) == total
+        got, seconds = timed_parallel_read(chunks(files), 2, direct=True)
+        assert got == total and seconds > 0
     except OSError as exc:  # a filesystem without O_DIRECT (tmpfs) refuses the open
         assert exc.errno == errno.EINVAL
     assert warm_cache(files, threads=3) == total

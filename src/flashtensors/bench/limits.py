@@ -1,7 +1,8 @@
 """The physical limits a load is compared against, measured on the same files in the same run.
 
-* disk: raw ``O_DIRECT`` reads of the checkpoint, 16 MiB each, best of 1/4/8/16 threads, cache dropped
-  (the runner repeats it between the cold runs, because this virtual disk speeds up on re-reads);
+* disk: raw ``O_DIRECT`` reads of the checkpoint, 16 MiB each into huge-page buffers (as our loader
+  reads), best of 1/4/8/16 threads, cache dropped (the runner repeats it between the cold runs, because
+  this virtual disk speeds up on re-reads);
 * page cache: buffered reads of the same bytes once they are cached, best of several thread counts;
 * pinned host->GPU copy of >= 2 GiB, timed with CUDA events (GPU only);
 * pinning the page cache in place: cudaHostRegister of the cached files, one call per file (GPU only).
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flashtensors.bench.cache import chunks, drop_cache, parallel_read, warm_cache
+from flashtensors.bench.cache import chunks, drop_cache, timed_parallel_read, warm_cache
 
 DISK_THREADS = (1, 4, 8, 16)
 PAGE_CACHE_THREADS = (4, 8, 16)
@@ -67,18 +68,15 @@ def disk_read(
     work = chunks(files, limit)
     out: dict[str, Any] = {"threads": threads, "method": "O_DIRECT" if direct else "buffered-after-drop"}
     out["cache_drop"] = drop_cache(files, cache_drop)
-    t0 = time.perf_counter()
     try:
-        got = parallel_read(work, threads, direct=direct)
+        got, seconds = timed_parallel_read(work, threads, direct=direct)
     except OSError as exc:
         if not direct:
             raise
         out["method"] = "buffered-after-drop"
         out["note"] = f"O_DIRECT refused ({exc.strerror}); buffered reads after a cache drop instead"
         drop_cache(files, cache_drop)
-        t0 = time.perf_counter()
-        got = parallel_read(work, threads)
-    seconds = time.perf_counter() - t0
+        got, seconds = timed_parallel_read(work, threads)
     out.update(bytes=got, seconds=seconds, gbps=got / seconds / 1e9 if seconds > 0 else 0.0)
     return out
 
@@ -109,17 +107,11 @@ def page_cache_bandwidth(files: Sequence[str | Path], limit: int) -> dict[str, A
     warm_cache([p for p in {w[0] for w in work}])
     result: dict[str, Any] = {"threads": {}}
     for n in PAGE_CACHE_THREADS:
-        best, _ = _best_gbps(lambda n=n: _timed(lambda: parallel_read(work, n)), 2)
+        best, _ = _best_gbps(lambda n=n: timed_parallel_read(work, n), 2)
         result["threads"][str(n)] = best
     result["gbps"] = max(result["threads"].values())
     result["bytes"] = sum(w[2] for w in work)
     return result
-
-
-def _timed(fn: Any) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    nbytes = fn()
-    return nbytes, time.perf_counter() - t0
 
 
 def memcpy_bandwidth(nbytes: int = GiB) -> dict[str, Any]:
