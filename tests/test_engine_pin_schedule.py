@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from flashtensors.engine.readers import pin_schedule
@@ -38,7 +40,7 @@ def test_pieces_grow_then_shrink_so_little_dma_is_left_after_the_last_pin() -> N
     tail = flat[top:]
     # Shrinking, except where a file boundary cuts a piece short.
     cut = {sum(len(p) for p in pin_schedule(lengths, GiB)[: i + 1]) - 1 for i in range(len(lengths))}
-    for i, (a, b) in enumerate(zip(tail, tail[1:])):
+    for i, (a, b) in enumerate(pairwise(tail)):
         assert b <= a or (top + i) in cut
     assert len(flat) < 40  # a call costs ~nothing, but not thousands of them
 

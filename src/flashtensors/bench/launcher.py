@@ -88,7 +88,7 @@ def _child(spec: dict[str, Any], env: dict[str, str], result_path: str, log_path
 
     reset_settings()
     problem = _parent_problem()
-    result = {"error": problem} if problem else measure(spec)[0]
+    result: dict[str, Any] = {"error": problem} if problem else measure(spec)[0]
     result["worker"] = {"start": "forkserver", "pid": os.getpid(), "parent": _FORK_PARENT}
     tmp = f"{result_path}.tmp"
     with open(tmp, "w") as f:
@@ -177,7 +177,9 @@ class Launcher:
         args = (spec, dict(os.environ), str(result), str(base.with_suffix(".log")))
         proc = self._ctx.Process(target=_child, args=args, name=f"flash-bench-{self.count}")
         proc.start()
-        pid, code = proc.pid, None
+        pid = proc.pid
+        assert pid is not None  # start() returned, so the child exists
+        code = None
         try:
             proc.join(timeout)
             code = proc.exitcode

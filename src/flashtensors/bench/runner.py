@@ -288,11 +288,11 @@ def _start_workers(
 def _preload(plan: dict[str, list[str]], directory: Path) -> tuple[str, ...]:
     """What the fork server imports: always torch and flashtensors; transformers (and the model's
     modeling module) when a run needs it."""
-    modules = PRELOAD
+    modules: tuple[str, ...] = PRELOAD
     if plan.get("e2e") or "transformers" in {loader for members in plan.values() for loader in members}:
         try:
             kind = str(json.loads((directory / "config.json").read_text())["model_type"]).replace("-", "_")
-            model = (f"transformers.models.{kind}.modeling_{kind}",)
+            model: tuple[str, ...] = (f"transformers.models.{kind}.modeling_{kind}",)
         except (OSError, ValueError, KeyError, TypeError):
             model = ()  # the run itself will say what is wrong with the config
         modules += PRELOAD_TRANSFORMERS + model

@@ -198,7 +198,7 @@ def _ring_read(
             fds.append(fd if fd is not None else os.open(region.path, os.O_RDONLY))
             jobs += _jobs(region, fds[-1], ring.slot_size, modes[-1] == "direct")
         # Direct reads of a region whose O_DIRECT reads fail midway fall back per job (buffered pread).
-        fallback = {fd: None for fd in fds}
+        fallback: dict[int, int | None] = {fd: None for fd in fds}
         paths = {fd: r.path for fd, r in zip(fds, regions, strict=True)}
         local = threading.local()
 
@@ -215,9 +215,10 @@ def _ring_read(
                 except OSError as exc:
                     if exc.errno != 22:
                         raise
-                    if fallback[job.fd] is None:
-                        fallback[job.fd] = os.open(paths[job.fd], os.O_RDONLY)
-                    got = pread_full(fallback[job.fd], view[: job.useful], job.file_offset)
+                    extra = fallback[job.fd]
+                    if extra is None:
+                        extra = fallback[job.fd] = os.open(paths[job.fd], os.O_RDONLY)
+                    got = pread_full(extra, view[: job.useful], job.file_offset)
                 if got < job.useful:
                     raise _shrank(paths[job.fd])
                 with torch.cuda.stream(local.stream):
