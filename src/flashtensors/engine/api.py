@@ -61,13 +61,14 @@ def _once(fn: Callable[[], None] | None) -> Callable[[], None] | None:
     """``fn`` made to run at most once (a load may take both the pinned and the pinned-mmap path)."""
     if fn is None:
         return None
-    done = threading.Event()
     lock = threading.Lock()
+    ran = False
 
     def run() -> None:
+        nonlocal ran
         with lock:
-            if not done.is_set():
-                done.set()
+            if not ran:
+                ran = True
                 fn()
 
     return run

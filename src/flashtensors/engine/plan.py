@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_down, align_up
 from flashtensors.errors import FormatError, ModelNotFound
 from flashtensors.format.safetensors import FileHeader, TensorInfo, read_header
+from flashtensors.lru import LRU
 
 RELOC_ALIGN = 256
 INDEX_NAME = "model.safetensors.index.json"
@@ -130,9 +129,7 @@ def resolve_files(checkpoint: Checkpoint) -> list[Path]:
     raise ModelNotFound(f"not a file or folder: {path}", hint="check the path")
 
 
-_PLAN_CACHE_SIZE = 64
-_plans: OrderedDict[tuple[int, ...], tuple[tuple[FileHeader, ...], Plan]] = OrderedDict()
-_plans_lock = threading.Lock()
+_plans: LRU[tuple[int, ...], tuple[tuple[FileHeader, ...], Plan]] = LRU(64)
 
 
 def make_plan(files: list[Path]) -> Plan:
@@ -144,16 +141,11 @@ def make_plan(files: list[Path]) -> Plan:
     """
     headers = tuple(read_header(f) for f in files)
     key = tuple(id(h) for h in headers)
-    with _plans_lock:
-        hit = _plans.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], headers, strict=True)):
-            _plans.move_to_end(key)
-            return hit[1]
+    hit = _plans.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], headers, strict=True)):
+        return hit[1]
     plan = _layout(headers)
-    with _plans_lock:
-        _plans[key] = (headers, plan)  # holding the headers keeps their ids from being reused
-        while len(_plans) > _PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
+    _plans.put(key, (headers, plan))  # holding the headers keeps their ids from being reused
     return plan
 
 

@@ -30,14 +30,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flashtensors.errors import FormatError
+from flashtensors.lru import LRU
 
 MAX_HEADER_SIZE = 100_000_000  # the same bound safetensors uses
 _MAX_DIM = 2**63 - 1
@@ -219,10 +218,8 @@ def parse_header_bytes(path: Path | str, raw: bytes, file_size: int) -> FileHead
 # validating a 300-tensor header takes ~2 ms in Python: most of a hot 0.6B load (~25 ms on the H100).
 # A file modified in the last couple of seconds is not cached: file times are kept at clock-tick
 # granularity, so a same-size rewrite within one tick would look unchanged (git's "racy clean" problem).
-_HEADER_CACHE_SIZE = 1024
 _SETTLED_NS = 2_000_000_000
-_headers: OrderedDict[tuple[str, int, int, int, int], FileHeader] = OrderedDict()
-_headers_lock = threading.Lock()
+_headers: LRU[tuple[str, int, int, int, int], FileHeader] = LRU(1024)
 
 
 def read_header(path: str | os.PathLike[str]) -> FileHeader:
@@ -245,11 +242,9 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
     with open(p, "rb") as f:
         st = os.fstat(f.fileno())
         key = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        with _headers_lock:
-            cached = _headers.get(key)
-            if cached is not None:
-                _headers.move_to_end(key)
-                return cached
+        cached = _headers.get(key)
+        if cached is not None:
+            return cached
         file_size = st.st_size
         head = f.read(8)
         if len(head) < 8:
@@ -267,8 +262,5 @@ def read_header(path: str | os.PathLike[str]) -> FileHeader:
     header = parse_header_bytes(p, raw, file_size)
     if time.time_ns() - st.st_mtime_ns < _SETTLED_NS:
         return header
-    with _headers_lock:
-        _headers[key] = header
-        while len(_headers) > _HEADER_CACHE_SIZE:
-            _headers.popitem(last=False)
+    _headers.put(key, header)
     return header
