@@ -311,7 +311,7 @@ def _measure_limits(
     """Run the limits step into ``report``; returns the disk's best thread count (None: no disk figure)."""
     say(
         "measuring limits (disk O_DIRECT, page cache, memcpy"
-        + (", pinned H2D)" if options.device != "cpu" else ")")
+        + (", pinned H2D, pinning the page cache)" if options.device != "cpu" else ")")
     )
     spec = dict(
         base,
