@@ -255,3 +255,29 @@ def test_hot_loads_from_pinned_files(
             assert_same(result.tensors, reference_load(checkpoint), device=DEV)
     finally:
         ft.unpin()
+
+
+def test_side_streams_are_bounded_and_shared_across_threads(ring_file: Path) -> None:
+    """Reader threads come and go with each load; the streams they take must not grow with them."""
+    import threading
+
+    from flashtensors.engine import readers
+
+    dev = torch.device(DEV)
+    caller = torch.cuda.current_stream(dev)
+    got: list[int] = []
+
+    def take() -> None:
+        got.append(readers.side_stream(dev, caller).cuda_stream)
+
+    for _ in range(3 * readers._STREAMS_PER_DEVICE):
+        t = threading.Thread(target=take)
+        t.start()
+        t.join()
+    assert len(got) == 3 * readers._STREAMS_PER_DEVICE
+    assert 1 < len(set(got)) <= readers._STREAMS_PER_DEVICE
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    for _ in range(3):  # each load's reader threads are new ones, served from the same streams
+        sd = load_state_dict(ring_file, device=DEV, read_path="direct")
+        assert_same(sd, reference_load(ring_file), device=DEV)
+    assert len(readers._pool[dev]) <= readers._STREAMS_PER_DEVICE

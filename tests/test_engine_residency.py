@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flashtensors.engine.sysio import PAGE, RESIDENCY_SAMPLES, RESIDENCY_WINDOW, Mapping, residency
+from flashtensors.engine.sysio import PAGE, RESIDENCY_SAMPLES, RESIDENCY_WINDOW, Mapping, buffer_at, residency
 from helpers.compare import cached_fraction, drop_from_cache
 
 MiB = 1024 * 1024
@@ -67,3 +67,20 @@ def test_small_range_is_scanned_exactly(tmp_path: Path) -> None:
         pytest.skip("this filesystem keeps the pages")
     with Mapping(path, 32 * MiB) as m:
         assert m.resident_fraction() == full
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_anonymous_memory_is_faulted_in_only_when_asked(huge: bool) -> None:
+    """The staging ring maps its memory unpopulated, so each slot is faulted in by its first user."""
+    size = 8 * 1024 * 1024
+    lazy = Mapping(None, size, huge=huge, populate=False)
+    eager = Mapping(None, size, huge=huge)
+    try:
+        assert lazy.resident_fraction() == 0.0
+        if eager.resident_fraction() < 1.0:
+            pytest.skip("this kernel refused MADV_POPULATE_WRITE / MAP_POPULATE")
+        buffer_at(lazy.address, size)[: 2 * 1024 * 1024] = b"\1" * (2 * 1024 * 1024)  # touch a quarter
+        assert 0.0 < lazy.resident_fraction() < 1.0
+    finally:
+        lazy.close()
+        eager.close()

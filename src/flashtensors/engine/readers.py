@@ -110,21 +110,40 @@ def read_into_host(
 
 
 _streams = threading.local()
+_STREAMS_PER_DEVICE = 16
+_pool: dict[torch.device, list[torch.cuda.Stream]] = {}
+_pool_turn: dict[torch.device, int] = {}
+_pool_lock = threading.Lock()
+
+
+def _pooled_stream(device: torch.device) -> torch.cuda.Stream:
+    """One of at most ``_STREAMS_PER_DEVICE`` streams of ours per device, made on first need and then
+    handed out in turn (reader threads come and go with each load; the streams stay)."""
+    with _pool_lock:
+        streams = _pool.setdefault(device, [])
+        if len(streams) < _STREAMS_PER_DEVICE:
+            streams.append(devices.new_stream(device))
+            return streams[-1]
+        turn = _pool_turn.get(device, 0)
+        _pool_turn[device] = turn + 1
+        return streams[turn % len(streams)]
 
 
 def side_stream(device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.Stream:
     """A stream for our copies that first waits for the caller's stream: the arena may be memory the
     caching allocator just recycled from a tensor that kernels queued there still read.
 
-    One stream per thread and device, kept: creating one costs ~3 ms the first time (measured on the
-    H100 machine), a tenth of a hot 0.6B load.
+    One per thread and device, kept; made by :func:`devices.new_stream`, not taken from torch's pool,
+    whose first use costs 2.7-5 ms (measured on the H100 machine). Two threads may share one stream:
+    their copies then queue one after the other, and every wait is still on an event recorded behind
+    the copy it guards.
     """
     cache = getattr(_streams, "by_device", None)
     if cache is None:
         cache = _streams.by_device = {}
     stream = cache.get(device)
     if stream is None:
-        stream = cache[device] = torch.cuda.Stream(device=device)
+        stream = cache[device] = _pooled_stream(device)
     stream.wait_stream(caller)
     return stream
 
@@ -132,12 +151,17 @@ def side_stream(device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.S
 @dataclass
 class _Slot:
     tensor: torch.Tensor
+    offset: int  # in the ring's buffer
     event: torch.cuda.Event | None = None
 
 
 @dataclass
 class StagingRing:
-    """Pinned host slots, allocated once per process and reused: pinning fresh memory is slow (1.4 GB/s)."""
+    """Pinned host slots, allocated once per process and reused: pinning fresh memory is slow (1.4 GB/s).
+
+    Each slot is faulted in and pinned by the first reader thread that takes it (``buffer.prepare``),
+    so the first reads start without waiting for the whole ring.
+    """
 
     slot_size: int
     buffer: devices.PinnedBuffer
@@ -149,8 +173,8 @@ class StagingRing:
     @classmethod
     def allocate(cls, ring_size: int, slot_size: int) -> StagingRing:
         count = max(2, ring_size // slot_size)
-        buf = devices.PinnedBuffer(count * slot_size)
-        slots = [_Slot(buf.tensor[i * slot_size : (i + 1) * slot_size]) for i in range(count)]
+        buf = devices.PinnedBuffer(count * slot_size, piece=slot_size)
+        slots = [_Slot(buf.tensor[i * slot_size : (i + 1) * slot_size], i * slot_size) for i in range(count)]
         return cls(slot_size, buf, slots)
 
 
@@ -200,13 +224,13 @@ def _ring_read(
         # Direct reads of a region whose O_DIRECT reads fail midway fall back per job (buffered pread).
         fallback: dict[int, int | None] = {fd: None for fd in fds}
         paths = {fd: r.path for fd, r in zip(fds, regions, strict=True)}
+        fallback_lock = threading.Lock()  # two threads may hit the same refusing file at once
         local = threading.local()
 
         def work(job: _Job) -> None:
-            if not hasattr(local, "stream"):
-                local.stream = side_stream(device, caller)
             slot = free.get()
             try:
+                ring.buffer.prepare(slot.offset)
                 if slot.event is not None:
                     slot.event.synchronize()
                 view = buffer_at(slot.tensor.data_ptr(), job.length)
@@ -215,12 +239,17 @@ def _ring_read(
                 except OSError as exc:
                     if exc.errno != 22:
                         raise
-                    extra = fallback[job.fd]
-                    if extra is None:
-                        extra = fallback[job.fd] = os.open(paths[job.fd], os.O_RDONLY)
+                    with fallback_lock:
+                        extra = fallback[job.fd]
+                        if extra is None:
+                            extra = fallback[job.fd] = os.open(paths[job.fd], os.O_RDONLY)
                     got = pread_full(extra, view[: job.useful], job.file_offset)
                 if got < job.useful:
                     raise _shrank(paths[job.fd])
+                # The stream is needed only now, so a new thread's first read does not wait for it
+                # (in a fresh process after a cache drop, making the first streams took 15-18 ms).
+                if not hasattr(local, "stream"):
+                    local.stream = side_stream(device, caller)
                 with torch.cuda.stream(local.stream):
                     dst = arena[job.arena_offset : job.arena_offset + job.useful]
                     dst.copy_(slot.tensor[: job.useful], non_blocking=True)

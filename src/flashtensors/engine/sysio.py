@@ -84,20 +84,24 @@ def pread_full(fd: int, view: memoryview, offset: int) -> int:
 
 class Mapping:
     """A read-only shared mmap of a whole file (or, with path None, fresh anonymous memory, populated
-    up front, in huge pages where ``huge`` and the kernel allow), addressed by its raw pointer."""
+    up front unless ``populate`` is False, in huge pages where ``huge`` and the kernel allow), addressed
+    by its raw pointer."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, size: int, huge: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None, size: int, huge: bool = False, populate: bool = True
+    ) -> None:
         self.size = size
         self.length = align_up(max(size, 1), PAGE)
         if path is None:
-            flags = _MAP_PRIVATE | _MAP_ANONYMOUS | (0 if huge else _MAP_POPULATE)
+            flags = _MAP_PRIVATE | _MAP_ANONYMOUS | (_MAP_POPULATE if populate and not huge else 0)
             addr = _libc.mmap(None, self.length, _PROT_READ | _PROT_WRITE, flags, -1, 0)
             if huge and addr not in (None, _MAP_FAILED):
                 # Ask for transparent huge pages, then fault everything in: zeroing and pinning 2 MiB
                 # pages is cheaper than 4 KiB ones. Either advice may be refused (old kernel, THP off);
                 # then the pages come at first touch or when cudaHostRegister pins them.
                 _libc.madvise(addr, self.length, MADV_HUGEPAGE)
-                _libc.madvise(addr, self.length, MADV_POPULATE_WRITE)
+                if populate:
+                    _libc.madvise(addr, self.length, MADV_POPULATE_WRITE)
         else:
             fd = os.open(path, os.O_RDONLY)
             try:
