@@ -332,3 +332,32 @@ def test_warm_fill_keeps_or_rereads_the_page_cache(ckpt_dir: Path, fill: str) ->
 def test_bad_warm_fill(ckpt_dir: Path) -> None:
     with pytest.raises(ConfigError, match="--warm-fill"):
         RunOptions(device="cpu", warm_fill="sometimes").validate()
+
+
+def test_bad_hot_memory(ckpt_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="--hot-memory"):
+        RunOptions(device="cpu", hot_memory="recycled").validate()
+
+
+@pytest.mark.parametrize("memory", ["fresh", "reused"])
+def test_header_says_how_hot_loads_got_device_memory(memory: str) -> None:
+    from flashtensors.bench.report import format_header
+
+    run = {"scenario": "hot", "loader": "flashtensors", "status": "ok", "hot_memory": "said by the worker"}
+    report: dict[str, Any] = {
+        "checkpoint": {"directory": "/m", "bytes": 1, "files": ["/m/a.safetensors"], "tensors": 1},
+        "options": {"device": "cuda", "repeat": 3, "hot_memory": memory},
+        "runs": [run],
+        "limits": {},
+    }
+    line = [x for x in format_header(report).splitlines() if x.startswith("hot device memory")]
+    assert line == [
+        "hot device memory: "
+        + (
+            "fresh from the driver, torch's cache emptied before each timed load (--hot-memory fresh)"
+            if memory == "fresh"
+            else "reused from torch's cache, where the untimed load freed it (--hot-memory reused)"
+        )
+    ]
+    run.pop("hot_memory")  # CPU runs: no device memory to speak of, no line
+    assert not [x for x in format_header(report).splitlines() if x.startswith("hot device memory")]

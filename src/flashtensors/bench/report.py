@@ -187,6 +187,16 @@ def format_header(report: dict[str, Any]) -> str:
                 else "pages already resident are kept as the previous run left them (--warm-fill keep)"
             )
         )
+    memory = report.get("options", {}).get("hot_memory")
+    if memory and any(r.get("scenario") == "hot" and r.get("hot_memory") for r in report["runs"]):
+        lines.append(
+            "hot device memory: "
+            + (
+                "fresh from the driver, torch's cache emptied before each timed load (--hot-memory fresh)"
+                if memory == "fresh"
+                else "reused from torch's cache, where the untimed load freed it (--hot-memory reused)"
+            )
+        )
     repeats = report["options"]["repeat"]
     if repeats < 3:
         lines.append(f"note: median of {repeats} run(s); BENCH.md asks for at least 3")

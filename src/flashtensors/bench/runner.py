@@ -34,6 +34,9 @@ from flashtensors.format.safetensors import FileHeader, read_header
 SCENARIOS = ("cold", "warm", "hot", "e2e")
 CLI_MODULE = "flashtensors.cli.app"
 WARM_FILLS = ("keep", "fresh")  # warm and hot: keep resident pages as found, or evict and re-read them
+# hot on a GPU: the timed load gets device memory fresh from the driver (torch's cache emptied after the
+# untimed load) or reuses the untimed load's memory from torch's cache, as a process swapping models does
+HOT_MEMORY = ("fresh", "reused")
 DISK = "disk (O_DIRECT)"  # the raw read interleaved with the cold runs, in progress lines and disk_runs
 GiB = 1024**3
 # transformers imports lazily: the fork server imports what a load and a generate touch, or each run
@@ -72,6 +75,7 @@ class RunOptions:
     device: str = "cuda"
     cache_drop: str = "auto"
     warm_fill: str = "keep"
+    hot_memory: str = "fresh"
     limits: bool = True
     limit_bytes: int = 8 * GiB
     h2d_bytes: int = 2 * GiB
@@ -103,6 +107,11 @@ class RunOptions:
         if self.warm_fill not in WARM_FILLS:
             raise ConfigError(
                 f"--warm-fill must be one of {', '.join(WARM_FILLS)}, not {self.warm_fill!r}",
+                hint="run `flash bench run --help`",
+            )
+        if self.hot_memory not in HOT_MEMORY:
+            raise ConfigError(
+                f"--hot-memory must be one of {', '.join(HOT_MEMORY)}, not {self.hot_memory!r}",
                 hint="run `flash bench run --help`",
             )
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -208,6 +217,7 @@ def run_bench(
         "device": options.device,
         "cache_drop": options.cache_drop,
         "warm_fill": options.warm_fill,
+        "hot_memory": options.hot_memory,
     }
     report: dict[str, Any] = {
         "checkpoint": _describe(ckpt),

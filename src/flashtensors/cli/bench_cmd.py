@@ -113,6 +113,13 @@ def run_cmd(
             "them) or fresh (evict the files and read them once, sequentially, before every run)"
         ),
     ] = "keep",
+    hot_memory: Annotated[
+        str,
+        typer.Option(
+            help="hot on a GPU: fresh (empty torch's cache before the timed load, so it allocates from "
+            "the driver) or reused (it takes the untimed load's memory back from torch's cache)"
+        ),
+    ] = "fresh",
     limits: Annotated[bool, typer.Option(help="measure disk, page cache, memcpy and PCIe first")] = True,
     limit_bytes: Annotated[str, typer.Option(help="bytes read per disk/page-cache measurement")] = "8G",
     h2d_bytes: Annotated[str, typer.Option(help="size of the pinned host->GPU copy")] = "2G",
@@ -155,6 +162,7 @@ def run_cmd(
         device=_default_device() if device == "auto" else device,
         cache_drop=cache_drop,
         warm_fill=warm_fill,
+        hot_memory=hot_memory,
         limits=limits,
         limit_bytes=_parse_size(limit_bytes),
         h2d_bytes=_parse_size(h2d_bytes),
@@ -170,7 +178,8 @@ def run_cmd(
     report["command"] = shlex.join(
         ["flash", "bench", "run", checkpoint, "--scenarios", ",".join(options.scenarios)]
         + ["--loaders", ",".join(options.loaders), "--repeat", str(repeat), "--device", options.device]
-        + ["--cache-drop", cache_drop, "--warm-fill", warm_fill, "--start", start]
+        + ["--cache-drop", cache_drop, "--warm-fill", warm_fill, "--hot-memory", hot_memory]
+        + ["--start", start]
         + ([] if limits else ["--no-limits"])
     )
     rows = summarize(report)
