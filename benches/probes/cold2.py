@@ -30,7 +30,16 @@ torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
 import glob, pathlib
 t = loaders.Target(pathlib.Path(D), tuple(pathlib.Path(f) for f in sorted(glob.glob(D + "/*.safetensors"))))
 fn = {"ft": loaders._flashtensors, "fastsafetensors": loaders._fastsafetensors, "runai": loaders._runai}[name]
-s = time.perf_counter(); sd = fn(t, "cuda"); torch.cuda.synchronize(); print("T", time.perf_counter() - s)
+from flashtensors.engine import readers
+win = []
+orig = readers.pread_full
+def timed(*a):
+    b = time.perf_counter(); n = orig(*a); win.append((b, time.perf_counter())); return n
+readers.pread_full = timed
+s = time.perf_counter(); sd = fn(t, "cuda"); torch.cuda.synchronize(); e = time.perf_counter()
+if win:
+    print("R", min(w[0] for w in win) - s, e - max(w[1] for w in win), len(win))
+print("T", e - s)
 '''
 res = {k: [] for k in configs}
 names = list(configs)
@@ -48,6 +57,11 @@ for rep in range(reps):
             if not lines:
                 print(name, "FAILED", p.stderr[-800:], flush=True); continue
             el = float(lines[-1][2:])
+            rl = [l.split() for l in p.stdout.splitlines() if l.startswith("R ")]
+            if rl:  # our reads' window: time before the first read began, after the last one ended
+                before, after, n = float(rl[-1][1]), float(rl[-1][2]), int(rl[-1][3])
+                print(f"   {name}: {n} reads; {before * 1e3:.0f} ms before the first, {after * 1e3:.0f} ms after the last; "
+                      f"read window {total / (el - before - after) / 1e9:.3f} GB/s", flush=True)
         res[name].append(round(total / el / 1e9, 3))
         print(rep, name, res[name][-1], flush=True)
 print("COLD " + json.dumps({k: (statistics.median(v) if v else None, v) for k, v in res.items()}), flush=True)
