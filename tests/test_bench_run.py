@@ -361,3 +361,12 @@ def test_header_says_how_hot_loads_got_device_memory(memory: str) -> None:
     ]
     run.pop("hot_memory")  # CPU runs: no device memory to speak of, no line
     assert not [x for x in format_header(report).splitlines() if x.startswith("hot device memory")]
+
+
+def test_no_limits_still_describes_the_machine(ckpt_dir: Path) -> None:
+    """Every published figure needs its card, torch and date, limits or not."""
+    options = RunOptions(loaders=["flashtensors"], scenarios=["warm"], repeat=1, device="cpu", limits=False)
+    report = run_bench(resolve_checkpoint(ckpt_dir), options)
+    assert report["limits"] == {} and report["disk_runs"] == []
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["date"]
+    assert report["machine"]["device"] == "cpu"

@@ -241,7 +241,12 @@ def run_bench(
                 plan[scenario].append(loader)
     launcher = _start_workers(options, _preload(plan, ckpt.directory), report, say)
     try:
-        threads = _measure_limits(launcher, base, options, report, say) if options.limits else None
+        if options.limits:
+            threads = _measure_limits(launcher, base, options, report, say)
+        else:  # the card, torch and date still belong with every figure
+            threads = None
+            got = launcher.run(dict(base, kind="machine"), options.timeout)
+            report["machine"] = got.get("machine", {})
         if threads is not None and "cold" in plan:
             plan["cold"] = [*plan["cold"], DISK]
         steps = [

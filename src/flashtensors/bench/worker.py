@@ -190,7 +190,19 @@ def run_disk(spec: dict[str, Any]) -> dict[str, Any]:
     return disk_read(spec["files"], int(spec["threads"]), spec.get("cache_drop", "auto"))
 
 
-KINDS = {"load": run_load, "limits": run_limits, "disk": run_disk, "probe": lambda spec: {}}
+def run_machine(spec: dict[str, Any]) -> dict[str, Any]:
+    """Describe the machine only (``--no-limits`` runs)."""
+    _init_device(spec["device"])
+    return {"machine": machine_info(spec["device"], Path(spec["directory"]))}
+
+
+KINDS = {
+    "load": run_load,
+    "limits": run_limits,
+    "machine": run_machine,
+    "disk": run_disk,
+    "probe": lambda spec: {},
+}
 
 
 def measure(spec: dict[str, Any]) -> tuple[dict[str, Any], int]:
