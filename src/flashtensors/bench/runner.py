@@ -84,43 +84,28 @@ class RunOptions:
     start: str = "forkserver"
 
     def validate(self) -> RunOptions:
+        hint = "run `flash bench run --help`"
         bad = [name for name in self.loaders if name not in LOADERS]
         if bad:
-            raise ConfigError(
-                f"unknown loader(s) {', '.join(bad)}; known: {', '.join(LOADERS)}",
-                hint="run `flash bench run --help`",
-            )
+            raise ConfigError(f"unknown loader(s) {', '.join(bad)}; known: {', '.join(LOADERS)}", hint=hint)
         bad = [s for s in self.scenarios if s not in SCENARIOS]
         if bad:
-            raise ConfigError(
-                f"unknown scenario(s) {', '.join(bad)}; known: {', '.join(SCENARIOS)}",
-                hint="run `flash bench run --help`",
-            )
+            known = ", ".join(SCENARIOS)
+            raise ConfigError(f"unknown scenario(s) {', '.join(bad)}; known: {known}", hint=hint)
         if not self.loaders or not self.scenarios:
-            raise ConfigError(
-                "name at least one loader and one scenario", hint="run `flash bench run --help`"
-            )
+            raise ConfigError("name at least one loader and one scenario", hint=hint)
         if self.repeat < 1:
             raise ConfigError(f"--repeat must be at least 1, not {self.repeat}")
-        if self.cache_drop not in CACHE_DROP_METHODS:
-            raise ConfigError(f"--cache-drop must be one of {', '.join(CACHE_DROP_METHODS)}")
-        if self.warm_fill not in WARM_FILLS:
-            raise ConfigError(
-                f"--warm-fill must be one of {', '.join(WARM_FILLS)}, not {self.warm_fill!r}",
-                hint="run `flash bench run --help`",
-            )
-        if self.hot_memory not in HOT_MEMORY:
-            raise ConfigError(
-                f"--hot-memory must be one of {', '.join(HOT_MEMORY)}, not {self.hot_memory!r}",
-                hint="run `flash bench run --help`",
-            )
+        for flag, value, allowed in (
+            ("--cache-drop", self.cache_drop, CACHE_DROP_METHODS),
+            ("--warm-fill", self.warm_fill, WARM_FILLS),
+            ("--hot-memory", self.hot_memory, HOT_MEMORY),
+            ("--start", self.start, START_METHODS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}", hint=hint)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
-        hint = "run `flash bench run --help`"
-        if self.start not in START_METHODS:
-            raise ConfigError(
-                f"--start must be one of {', '.join(START_METHODS)}, not {self.start!r}", hint=hint
-            )
         if self.timeout <= 0:
             raise ConfigError(f"--timeout must be positive, not {self.timeout:g}", hint=hint)
         return self
