@@ -219,10 +219,10 @@ def test_slow_pinning_switches_to_the_ring(
 ) -> None:
     # Pretend pinning is slow everywhere, so the switch happens after the first chunk (probe 1 byte)
     # or after two 1 MiB chunks (part-way into the larger file): the rest must still arrive intact.
-    from flashtensors.engine import readers
+    from flashtensors.engine import pinned_mmap
 
-    monkeypatch.setattr(readers, "SLOW_PIN_GBPS", float("inf"))
-    monkeypatch.setattr(readers, "_PROBE_BYTES", probe_bytes)
+    monkeypatch.setattr(pinned_mmap, "SLOW_PIN_GBPS", float("inf"))
+    monkeypatch.setattr(pinned_mmap, "_PROBE_BYTES", probe_bytes)
     ft.configure(register_chunk=1024 * 1024)
     for checkpoint in (index_dir, ring_file):  # 4 tiny shards; one 2.8 MB file
         result = load(checkpoint, device=DEV, read_path="pinned-mmap")

@@ -6,7 +6,7 @@ from itertools import pairwise
 
 import pytest
 
-from flashtensors.engine.readers import pin_schedule
+from flashtensors.engine.pinned_mmap import pin_schedule
 
 MiB, GiB = 1024**2, 1024**3
 

@@ -4,7 +4,7 @@ T0 = time.perf_counter()
 import torch
 sys.path.insert(0, "src")
 import flashtensors as ft
-from flashtensors.engine import api, devices, readers, plan as planmod, sysio, pinned
+from flashtensors.engine import api, devices, pinned_mmap, readers, plan as planmod, sysio, pinned
 D, mode = sys.argv[1], sys.argv[2]
 kw = {}
 for a in sys.argv[3:]:
@@ -33,15 +33,15 @@ def wrap(mod, name, key):
     setattr(mod, name, w)
 wrap(api, "make_plan", "plan"); wrap(api, "resolve_files", "resolve")
 wrap(devices, "allocate_arena", "arena"); wrap(readers, "staging_ring", "ring")
-wrap(devices, "host_register", "register"); wrap(readers, "side_stream", "stream")
+wrap(devices, "host_register", "register"); wrap(readers, "side_stream", "stream"); wrap(pinned_mmap, "side_stream", "stream")
 wrap(api, "residency", "residency"); wrap(api, "_views", "views")
-wrap(readers, "read_pinned_mmap", "pinmmap"); wrap(readers, "read_through_ring", "ringread")
+wrap(pinned_mmap, "read_pinned_mmap", "pinmmap"); wrap(readers, "read_through_ring", "ringread")
 wrap(readers, "read_pinned", "readpinned")
 rp = None
 if mode == "pinned-mmap-pop":
     from concurrent.futures import ThreadPoolExecutor
     import threading
-    orig_pm = readers.read_pinned_mmap
+    orig_pm = pinned_mmap.read_pinned_mmap
     POP = ThreadPoolExecutor(8)
     def _unused(regions, arena, settings):
         orig_reg = devices.host_register
@@ -53,7 +53,7 @@ if mode == "pinned-mmap-pop":
         # page tables of the engine's own mapping instead: hook Mapping creation
         return orig_pm(regions, arena, settings)
     keep = []
-    OrigMapping = readers.Mapping
+    OrigMapping = pinned_mmap.Mapping
     class PopMapping(OrigMapping):
         def __init__(self, path, size):
             super().__init__(path, size)
@@ -61,7 +61,7 @@ if mode == "pinned-mmap-pop":
             piece = 256 * 2**20
             for i in range(0, self.length, piece):
                 self.futs[i] = POP.submit(sysio._libc.madvise, self.address + i, min(piece, self.length - i), 22)
-    readers.Mapping = PopMapping
+    pinned_mmap.Mapping = PopMapping
     def reg(address, nbytes, _o=devices.host_register):
         return _o(address, nbytes)
     rp = "pinned-mmap"
@@ -78,7 +78,7 @@ out = {"mode": mode, "kw": kw, "s": round(el, 3), "GBs": round(total / el / 1e9,
        "paths": sorted(set(r.stats.paths.values())), "import_s": round(import_s, 2)}
 out.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in ph.items()})
 # same-process second load for contrast
-del r; torch.cuda.empty_cache(); readers.wait_for_releases()
+del r; torch.cuda.empty_cache(); pinned_mmap.wait_for_releases()
 s = time.perf_counter(); r = api.load(D, device="cuda", read_path=rp); torch.cuda.synchronize()
 out["second_GBs"] = round(total / (time.perf_counter() - s) / 1e9, 2)
 del r; torch.cuda.empty_cache()

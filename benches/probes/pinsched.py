@@ -10,7 +10,7 @@ import json, os, statistics, sys, time
 sys.path.insert(0, "src")
 import torch
 from flashtensors.engine import devices
-from flashtensors.engine.readers import pin_schedule
+from flashtensors.engine.pinned_mmap import pin_schedule
 from flashtensors.engine.sysio import Mapping, align_up
 
 D = sys.argv[1]

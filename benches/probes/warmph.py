@@ -24,7 +24,7 @@ import threading
 sys.path.insert(0, "src")
 import torch
 torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
-from flashtensors.engine import api, devices, readers
+from flashtensors.engine import api, devices, pinned_mmap, readers
 from flashtensors.engine.plan import resolve_files
 
 files = resolve_files(D)
@@ -50,8 +50,9 @@ def wrap(mod, name, label=None):
 
 
 for mod, name in [(api, "make_plan"), (api, "resolve_files"), (devices, "allocate_arena"), (api, "_views"),
-                  (api, "_relocate"), (readers, "side_stream"), (readers, "Mapping"), (readers, "wait_for_releases"),
-                  (devices, "host_register"), (readers, "read_through_ring"), (readers, "_release_later"),
+                  (api, "_relocate"), (readers, "side_stream"), (pinned_mmap, "side_stream"),
+                  (pinned_mmap, "Mapping"), (pinned_mmap, "wait_for_releases"), (devices, "host_register"),
+                  (readers, "read_through_ring"), (pinned_mmap, "read_through_ring"), (pinned_mmap, "_release_later"),
                   (readers, "staging_ring"), (readers, "open_direct"), (readers, "_run_parallel"),
                   (readers, "pread_full")]:
     wrap(mod, name)
@@ -75,5 +76,5 @@ for i in range(2):
                     paths=sorted(set(r.stats.paths.values())), phases=other,
                     pins=[(s, e) for _, s, e in regs]))
     del r
-    readers.wait_for_releases()
+    pinned_mmap.wait_for_releases()
 print("WARMPH " + json.dumps(res), flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from flashtensors.config import Settings, get_settings
-from flashtensors.engine import devices, pinned, readers
+from flashtensors.engine import devices, pinned, pinned_mmap, readers
 from flashtensors.engine.plan import Checkpoint, FileRegion, Plan, make_plan, resolve_files
 from flashtensors.engine.sysio import residency
 from flashtensors.errors import ConfigError
@@ -103,7 +103,7 @@ def _read(
                 readers.read_pinned(regions, arena, held, once)
                 modes = ["pinned"] * len(regions)
             elif path == "pinned-mmap":
-                modes = readers.read_pinned_mmap(regions, arena, settings, once)
+                modes = pinned_mmap.read_pinned_mmap(regions, arena, settings, once)
             else:
                 modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
             used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
