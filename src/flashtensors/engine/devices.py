@@ -63,38 +63,29 @@ def allocate_arena(nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 class PinnedBuffer:
-    """Page-locked host memory for staging, page-aligned (so O_DIRECT can read into it).
+    """Page-locked host memory for staging, page-aligned (so O_DIRECT can read into it), pinned in
+    pieces of ``piece`` bytes; a copy from it must stay within one piece.
 
     Anonymous pages registered with cudaHostRegister: measured on the H100 machine, torch's
     ``pin_memory=True`` (cudaHostAlloc) pins ~1 GB/s (0.27 s for 256 MiB), registering populated pages
     is tens of GB/s.
 
-    With ``piece`` set, nothing is faulted in or pinned up front: :meth:`prepare` does it for one piece
-    at first use, so the threads that first use the pieces populate and pin them in parallel, each
-    while the others already read. Done up front, a 256 MiB ring took 31-41 ms to fault in and 5-7 ms
-    to pin in a fresh process on the H100 machine, all before the first read. A copy from the buffer
-    must then stay within one piece.
+    Nothing is faulted in or pinned up front: :meth:`prepare` does it for one piece at first use, so
+    the threads that first use the pieces populate and pin them in parallel, each while the others
+    already read. Done up front, a 256 MiB ring took 31-41 ms to fault in and 5-7 ms to pin in a fresh
+    process on the H100 machine, all before the first read.
     """
 
-    def __init__(self, nbytes: int, piece: int | None = None) -> None:
+    def __init__(self, nbytes: int, piece: int) -> None:
         self.piece = piece
-        self.mapping = Mapping(None, nbytes, huge=True, populate=piece is None)
+        self.mapping = Mapping(None, nbytes, huge=True, populate=False)
         self._pinned: set[int] = set()
         self._lock = threading.Lock()
-        if piece is None:
-            try:
-                host_register(self.mapping.address, self.mapping.length)
-            except OSError:
-                self.mapping.close()
-                raise
-            self._pinned.add(self.mapping.address)
         self.tensor = host_view(self.mapping.address, nbytes)
 
     def prepare(self, offset: int) -> None:
         """Fault in and pin the piece that starts at ``offset``, unless done already. The caller must
         be the piece's only user while this runs (a staging slot it holds)."""
-        if self.piece is None:
-            return
         address = self.mapping.address + offset
         with self._lock:
             if address in self._pinned:
