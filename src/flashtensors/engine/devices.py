@@ -70,10 +70,12 @@ class PinnedBuffer:
     ``pin_memory=True`` (cudaHostAlloc) pins ~1 GB/s (0.27 s for 256 MiB), registering populated pages
     is tens of GB/s.
 
-    Nothing is faulted in or pinned up front: :meth:`prepare` does it for one piece at first use, so
-    the threads that first use the pieces populate and pin them in parallel, each while the others
-    already read. Done up front, a 256 MiB ring took 31-41 ms to fault in and 5-7 ms to pin in a fresh
-    process on the H100 machine, all before the first read.
+    Nothing is faulted in, pinned or wrapped in a tensor up front: :meth:`prepare` does it for one piece
+    and returns the piece's tensor, so the threads that first use the pieces do it in parallel, each
+    while the others already read. Done up front, a 256 MiB ring took 31-41 ms to fault in and 5-7 ms
+    to pin in a fresh process on the H100 machine, all before the first read; and after a cache drop,
+    the process's first ``torch.frombuffer`` and slicing took 30-50 ms of torch code read back from
+    disk (``benches/probes/ringsteps.py``).
     """
 
     def __init__(self, nbytes: int, piece: int) -> None:
@@ -81,20 +83,21 @@ class PinnedBuffer:
         self.mapping = Mapping(None, nbytes, huge=True, populate=False)
         self._pinned: set[int] = set()
         self._lock = threading.Lock()
-        self.tensor = host_view(self.mapping.address, nbytes)
+        self.address = self.mapping.address
 
-    def prepare(self, offset: int) -> None:
-        """Fault in and pin the piece that starts at ``offset``, unless done already. The caller must
-        be the piece's only user while this runs (a staging slot it holds)."""
+    def prepare(self, offset: int) -> torch.Tensor:
+        """Fault in and pin the piece that starts at ``offset``, unless done already, and return it as a
+        tensor. The caller must be the piece's only user while this runs (a staging slot it holds)."""
         address = self.mapping.address + offset
-        with self._lock:
-            if address in self._pinned:
-                return
         n = min(self.piece, self.mapping.length - offset)
-        self.mapping.advise(MADV_POPULATE_WRITE, offset, n)  # may be refused: the pin faults them in then
-        host_register(address, n)
         with self._lock:
-            self._pinned.add(address)
+            done = address in self._pinned
+        if not done:
+            self.mapping.advise(MADV_POPULATE_WRITE, offset, n)  # may be refused: the pin faults them in
+            host_register(address, n)
+            with self._lock:
+                self._pinned.add(address)
+        return host_view(address, n)
 
     def __del__(self) -> None:
         if getattr(self, "mapping", None) is not None and self.mapping.address:

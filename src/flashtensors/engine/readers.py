@@ -150,8 +150,8 @@ def side_stream(device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.S
 
 @dataclass
 class _Slot:
-    tensor: torch.Tensor
     offset: int  # in the ring's buffer
+    tensor: torch.Tensor | None = None  # made, with the slot's pinning, before its first copy
     event: torch.cuda.Event | None = None
 
 
@@ -159,8 +159,9 @@ class _Slot:
 class StagingRing:
     """Pinned host slots, allocated once per process and reused: pinning fresh memory is slow (1.4 GB/s).
 
-    Each slot is faulted in and pinned by the first reader thread that takes it (``buffer.prepare``),
-    so the first reads start without waiting for the whole ring.
+    Reads go into a slot by address. A slot is pinned (and gets its tensor) only before its first copy,
+    by the reader thread that holds it (``buffer.prepare``): the first reads start without waiting for
+    the ring, and the first use of the torch code behind the tensors overlaps other threads' reads.
     """
 
     slot_size: int
@@ -174,7 +175,7 @@ class StagingRing:
     def allocate(cls, ring_size: int, slot_size: int) -> StagingRing:
         count = max(2, ring_size // slot_size)
         buf = devices.PinnedBuffer(count * slot_size, piece=slot_size)
-        slots = [_Slot(buf.tensor[i * slot_size : (i + 1) * slot_size], i * slot_size) for i in range(count)]
+        slots = [_Slot(i * slot_size) for i in range(count)]
         return cls(slot_size, buf, slots)
 
 
@@ -230,10 +231,9 @@ def _ring_read(
         def work(job: _Job) -> None:
             slot = free.get()
             try:
-                ring.buffer.prepare(slot.offset)
                 if slot.event is not None:
                     slot.event.synchronize()
-                view = buffer_at(slot.tensor.data_ptr(), job.length)
+                view = buffer_at(ring.buffer.address + slot.offset, job.length)
                 try:
                     got = pread_full(job.fd, view, job.file_offset)
                 except OSError as exc:
@@ -246,8 +246,11 @@ def _ring_read(
                     got = pread_full(extra, view[: job.useful], job.file_offset)
                 if got < job.useful:
                     raise _shrank(paths[job.fd])
-                # The stream is needed only now, so a new thread's first read does not wait for it
-                # (in a fresh process after a cache drop, making the first streams took 15-18 ms).
+                # Pinning, the tensor and the stream are needed only now, so a new thread's first read
+                # does not wait for them (in a fresh process after a cache drop, making the first
+                # streams took 15-18 ms, the ring's tensors 39-57 ms).
+                if slot.tensor is None:
+                    slot.tensor = ring.buffer.prepare(slot.offset)
                 if not hasattr(local, "stream"):
                     local.stream = side_stream(device, caller)
                 with torch.cuda.stream(local.stream):
