@@ -281,3 +281,18 @@ def test_side_streams_are_bounded_and_shared_across_threads(ring_file: Path) -> 
         sd = load_state_dict(ring_file, device=DEV, read_path="direct")
         assert_same(sd, reference_load(ring_file), device=DEV)
     assert len(readers._pool[dev]) <= readers._STREAMS_PER_DEVICE
+    readers.make_streams(dev, 2 * readers._STREAMS_PER_DEVICE)  # made ahead by a load: still bounded
+    assert len(readers._pool[dev]) == readers._STREAMS_PER_DEVICE
+
+
+def test_priming_the_copy_path_makes_the_streams_once(ring_file: Path) -> None:
+    from flashtensors.engine import readers
+
+    dev = torch.device(DEV)
+    readers._primed.discard(dev)
+    readers.prime_copies(dev, 4)
+    assert dev in readers._primed and 4 <= len(readers._pool[dev]) <= readers._STREAMS_PER_DEVICE
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+    assert_same(
+        load_state_dict(ring_file, device=DEV, read_path="direct"), reference_load(ring_file), device=DEV
+    )

@@ -21,7 +21,7 @@ if sys.argv[2:3] != ["child"]:
     raise SystemExit(0)
 
 import threading
-sys.path.insert(0, "src")
+sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))  # PROBE_SRC: another tree's src, e.g. a branch
 import torch
 torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
 from flashtensors.engine import api, devices, pinned_mmap, readers
@@ -52,7 +52,7 @@ def wrap(mod, name, label=None):
 for mod, name in [(api, "make_plan"), (api, "resolve_files"), (devices, "allocate_arena"), (api, "_views"),
                   (api, "_relocate"), (readers, "side_stream"), (pinned_mmap, "side_stream"),
                   (pinned_mmap, "Mapping"), (pinned_mmap, "wait_for_releases"), (devices, "host_register"),
-                  (readers, "read_through_ring"), (pinned_mmap, "read_through_ring"), (pinned_mmap, "_release_later"),
+                  (readers, "read_through_ring"), (readers, "prime_copies"), (pinned_mmap, "_release_later"),
                   (readers, "staging_ring"), (readers, "open_direct"), (readers, "_run_parallel"),
                   (readers, "pread_full")]:
     wrap(mod, name)

@@ -27,7 +27,7 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
+from flashtensors.engine.sysio import DIRECT_ALIGN, Mapping, align_up, buffer_at, open_direct, pread_full
 from flashtensors.errors import FormatError
 
 
@@ -51,10 +51,22 @@ def _jobs(region: FileRegion, fd: int, chunk: int, aligned: bool) -> list[_Job]:
     return jobs
 
 
-def _run_parallel(fn: Callable[[_Job], None], jobs: Iterable[_Job], threads: int) -> None:
+def _run_parallel(
+    fn: Callable[[_Job], None],
+    jobs: Iterable[_Job],
+    threads: int,
+    meanwhile: Callable[[], None] | None = None,
+) -> None:
+    """Run ``fn`` on every job with ``threads`` threads; ``meanwhile`` runs on the calling thread once
+    the jobs are submitted. Errors propagate (a job's first, then ``meanwhile``'s)."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flash-read") as pool:
-        for future in [pool.submit(fn, j) for j in jobs]:
-            future.result()
+        futures = [pool.submit(fn, j) for j in jobs]
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            for future in futures:
+                future.result()
 
 
 def _shrank(path: object) -> FormatError:
@@ -117,16 +129,56 @@ _pool_lock = threading.Lock()
 
 
 def _pooled_stream(device: torch.device) -> torch.cuda.Stream:
-    """One of at most ``_STREAMS_PER_DEVICE`` streams of ours per device, made on first need and then
-    handed out in turn (reader threads come and go with each load; the streams stay)."""
+    """One of at most ``_STREAMS_PER_DEVICE`` streams of ours per device, handed out in turn; a new one
+    is made when every stream made so far was handed out once (reader threads come and go with each
+    load; the streams stay)."""
     with _pool_lock:
         streams = _pool.setdefault(device, [])
-        if len(streams) < _STREAMS_PER_DEVICE:
-            streams.append(devices.new_stream(device))
-            return streams[-1]
         turn = _pool_turn.get(device, 0)
         _pool_turn[device] = turn + 1
+        if turn >= len(streams) and len(streams) < _STREAMS_PER_DEVICE:
+            streams.append(devices.new_stream(device))
         return streams[turn % len(streams)]
+
+
+def make_streams(device: torch.device, count: int) -> None:
+    """Make streams for the pool now, up to ``count`` (at most ``_STREAMS_PER_DEVICE``), so the reader
+    threads' first copies find them."""
+    with _pool_lock:
+        streams = _pool.setdefault(device, [])
+        while len(streams) < min(count, _STREAMS_PER_DEVICE):
+            streams.append(devices.new_stream(device))
+
+
+_primed: set[torch.device] = set()
+
+
+def prime_copies(device: torch.device, streams: int) -> None:
+    """Once per process and device, run on this thread what a reader's first copy runs (a stream, a
+    tensor over registered memory, an asynchronous copy from it, an event), then make the streams.
+
+    Called by the loading thread while the readers' first reads are in flight. In a fresh process after
+    a cache drop, the copies of a cold 0.6B load's first chunks started ~55 ms after their reads ended,
+    on the H100 machine (``benches/probes/warmph.py ... cold``): the first reader to copy held the GIL
+    while that code ran for the first time, and the others waited for it with the disk idle.
+    """
+    if device in _primed:
+        return
+    page = Mapping(None, DIRECT_ALIGN)  # one populated anonymous page, pinned as the ring's slots are
+    devices.host_register(page.address, DIRECT_ALIGN)
+    try:
+        dst = torch.empty(64, dtype=torch.uint8, device=device)
+        stream = side_stream(device, torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            dst.copy_(devices.host_view(page.address, 64), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()
+    finally:
+        devices.host_unregister(page.address)
+        page.close()
+    make_streams(device, streams)
+    _primed.add(device)
 
 
 def side_stream(device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.Stream:
@@ -263,8 +315,9 @@ def _ring_read(
 
         threads = settings.io_threads if direct else settings.cpu_threads
         caller = torch.cuda.current_stream(device)
+        threads = max(1, min(threads, len(ring.slots) - 1))
         with torch.cuda.device(device):
-            _run_parallel(work, jobs, max(1, min(threads, len(ring.slots) - 1)))
+            _run_parallel(work, jobs, threads, meanwhile=lambda: prime_copies(device, threads))
             for slot in ring.slots:
                 if slot.event is not None:
                     slot.event.synchronize()

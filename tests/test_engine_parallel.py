@@ -1,0 +1,55 @@
+"""The reader pool: the calling thread's side task runs while the jobs run, and errors reach the caller."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from flashtensors.engine.readers import _Job, _run_parallel
+
+
+def _jobs(n: int) -> list[_Job]:
+    return [_Job(fd=-1, file_offset=i, length=1, useful=1, arena_offset=i) for i in range(n)]
+
+
+def test_meanwhile_overlaps_the_jobs() -> None:
+    # The side task waits for a job to start and the jobs wait for the side task to start: this
+    # finishes only if both run at once (each wait has a timeout, so a failure does not hang).
+    job_started, side_started = threading.Event(), threading.Event()
+    done: list[int] = []
+
+    def job(j: _Job) -> None:
+        job_started.set()
+        assert side_started.wait(10)
+        done.append(j.file_offset)
+
+    def side() -> None:
+        side_started.set()
+        assert job_started.wait(10)
+
+    _run_parallel(job, _jobs(6), 3, meanwhile=side)
+    assert sorted(done) == list(range(6))
+
+
+def test_job_errors_propagate_after_meanwhile() -> None:
+    ran: list[str] = []
+
+    def job(j: _Job) -> None:
+        if j.file_offset == 2:
+            raise OSError(5, "disk said no")
+
+    with pytest.raises(OSError, match="disk said no"):
+        _run_parallel(job, _jobs(4), 2, meanwhile=lambda: ran.append("side"))
+    assert ran == ["side"]
+
+
+def test_meanwhile_errors_propagate_once_the_jobs_are_done() -> None:
+    done: list[int] = []
+
+    def side() -> None:
+        raise RuntimeError("no streams")
+
+    with pytest.raises(RuntimeError, match="no streams"):
+        _run_parallel(lambda j: done.append(j.file_offset), _jobs(5), 2, meanwhile=side)
+    assert sorted(done) == list(range(5))
