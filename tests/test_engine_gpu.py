@@ -223,12 +223,107 @@ def test_slow_pinning_switches_to_the_ring(
 
     monkeypatch.setattr(pinned_mmap, "SLOW_PIN_GBPS", float("inf"))
     monkeypatch.setattr(pinned_mmap, "_PROBE_BYTES", probe_bytes)
-    ft.configure(register_chunk=1024 * 1024)
+    ft.configure(register_chunk=1024 * 1024, warm_ring_threads=0)  # the ring only after the switch
     for checkpoint in (index_dir, ring_file):  # 4 tiny shards; one 2.8 MB file
         result = load(checkpoint, device=DEV, read_path="pinned-mmap")
         assert_same(result.tensors, reference_load(checkpoint), device=DEV)
-        switched = "pinned-mmap+buffered" in set(result.stats.paths.values())
+        switched = any("buffered" in p for p in result.stats.paths.values())
         assert switched == (probe_bytes == 1 or checkpoint == ring_file)
+
+
+def _ring_claims_first(monkeypatch: pytest.MonkeyPatch, any_size: bool = True) -> None:
+    """Make the pinning thread's first registration wait until the ring's readers have tried to claim a
+    chunk, so both sides of a warm load take part where the file is larger than the first piece (either
+    could otherwise take all of a small file). With ``any_size``, the ring reads small loads too."""
+    import threading
+
+    from flashtensors.engine import devices, pinned_mmap
+
+    if any_size:
+        monkeypatch.setattr(pinned_mmap, "RING_MIN_BYTES", 0)
+
+    claimed = threading.Event()
+    back, register = pinned_mmap._Split.back, devices.host_register
+
+    def claim(self: object, want: int) -> object:
+        got = back(self, want)  # type: ignore[arg-type]
+        claimed.set()
+        return got
+
+    def host_register(address: int, nbytes: int) -> None:
+        ring_reading = any(t.name.startswith("flash-ring") for t in threading.enumerate())
+        if threading.current_thread() is threading.main_thread() and ring_reading:
+            assert claimed.wait(30), "the ring's readers never claimed a chunk"
+        register(address, nbytes)
+
+    monkeypatch.setattr(pinned_mmap._Split, "back", claim)
+    monkeypatch.setattr(devices, "host_register", host_register)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_warm_load_pins_the_head_and_rings_the_tail(
+    index_dir: Path, ring_file: Path, misaligned_file: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    _ring_claims_first(monkeypatch)
+    ft.configure(
+        register_chunk=1024 * 1024, chunk_size=64 * 1024, ring_size=256 * 1024, warm_ring_threads=threads
+    )
+    for checkpoint in (ring_file, misaligned_file, index_dir):
+        result = load(checkpoint, device=DEV, read_path="pinned-mmap")
+        assert_same(result.tensors, reference_load(checkpoint), device=DEV)
+        paths = list(result.stats.paths.values())
+        assert set(paths) <= {"pinned-mmap", "pinned-mmap+buffered", "buffered"}
+        if checkpoint == ring_file:  # 2.8 MB: more than the first 1 MiB piece and the ring's 4 slots
+            assert paths == ["pinned-mmap+buffered"]
+
+
+def test_the_ring_reads_a_small_warm_load_only_once_it_is_ready(
+    ring_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below RING_MIN_BYTES a warm load pins only, until this process's ring has its slots pinned."""
+    from flashtensors.engine import readers
+
+    _ring_claims_first(monkeypatch, any_size=False)
+    ft.configure(register_chunk=1024 * 1024, chunk_size=64 * 1024, ring_size=384 * 1024)  # a new ring
+    first = load(ring_file, device=DEV, read_path="pinned-mmap")
+    assert set(first.stats.paths.values()) == {"pinned-mmap"}
+    assert not readers.ring_is_ready(ft.get_settings())
+    load(ring_file, device=DEV, read_path="direct")  # 44 chunks through 6 slots: every slot pinned
+    assert readers.ring_is_ready(ft.get_settings())
+    second = load(ring_file, device=DEV, read_path="pinned-mmap")
+    assert set(second.stats.paths.values()) == {"pinned-mmap+buffered"}
+    assert_same(second.tensors, reference_load(ring_file), device=DEV)
+
+
+@pytest.mark.parametrize("failing", ["ring read", "registration"])
+def test_a_failure_with_the_ring_running_fails_the_load_and_frees_everything(
+    ring_file: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A ring reader's read error, or the pinning thread's second cudaHostRegister failing, fails the
+    load with that error; the ring is let go and every piece unpinned, so the same file loads again."""
+    from flashtensors.engine import devices, readers
+    from flashtensors.errors import DeviceError
+
+    _ring_claims_first(monkeypatch)
+    ft.configure(register_chunk=1024 * 1024, chunk_size=64 * 1024, ring_size=256 * 1024, warm_ring_threads=2)
+    module, name = (readers, "pread_full") if failing == "ring read" else (devices, "host_register")
+    working = getattr(module, name)  # for host_register: the waiting wrapper
+    calls = []
+
+    def fails(*args: object) -> object:
+        calls.append(args)
+        if failing == "ring read":
+            raise OSError(5, "Input/output error")
+        if len(calls) == 2:
+            raise DeviceError("cudaHostRegister failed (simulated)")
+        return working(*args)
+
+    monkeypatch.setattr(module, name, fails)
+    with pytest.raises(OSError if failing == "ring read" else DeviceError, match="Input/output|simulated"):
+        load(ring_file, device=DEV, read_path="pinned-mmap")
+    monkeypatch.setattr(module, name, working)
+    result = load(ring_file, device=DEV, read_path="pinned-mmap")
+    assert_same(result.tensors, reference_load(ring_file), device=DEV)
 
 
 @pytest.mark.parametrize("chunk", [None, 1024 * 1024], ids=["one-registration", "1MiB-registrations"])

@@ -48,3 +48,57 @@ def test_pieces_grow_then_shrink_so_little_dma_is_left_after_the_last_pin() -> N
 def test_a_small_cap_is_respected() -> None:
     schedule = pin_schedule([10 * MiB + 5], MiB)
     assert schedule == [[MiB] * 10 + [5]]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_front_and_back_together_take_every_byte_once(seed: int) -> None:
+    """The pinning thread (front) and the ring's readers (back) share a load: whatever the interleaving,
+    the pieces tile every region exactly, stay within one region, and every piece the front takes
+    starts on a page of its file."""
+    import random
+
+    from flashtensors.engine.pinned_mmap import _piece, _Split
+
+    rng = random.Random(seed)
+    spans = []
+    for _ in range(rng.randint(1, 5)):
+        start = 4096 * rng.randint(0, 3)
+        spans.append((start, start + rng.choice([0, rng.randint(1, 40 * MiB), rng.randint(1, 300 * MiB)])))
+    split = _Split(spans)
+    taken: list[list[tuple[int, int]]] = [[] for _ in spans]
+    from_front: list[list[int]] = [[] for _ in spans]
+    first, slot = True, rng.choice([64 * 1024, MiB, 16 * MiB])
+    while True:
+        if rng.random() < 0.3:
+            piece = split.front(_piece(first, split.left, rng.choice([MiB, 256 * MiB, GiB])))
+            if piece is not None:
+                first = False
+                assert piece[1] % 4096 == 0
+                from_front[piece[0]].append(piece[2])
+        else:
+            piece = split.back(slot)
+            if piece is not None:
+                assert 0 < piece[2] <= slot
+        if piece is None:
+            assert split.left == 0
+            break
+        i, offset, n = piece
+        taken[i].append((offset, n))
+    assert split.front(MiB) is None and split.back(MiB) is None
+    for (start, end), pieces in zip(spans, taken, strict=True):
+        pos = start
+        for offset, n in sorted(pieces):
+            assert offset == pos and n > 0
+            pos += n
+        assert pos == end
+    assert split.pinned == [sum(fronts) for fronts in from_front]
+
+
+def test_a_closed_split_gives_nothing_more() -> None:
+    from flashtensors.engine.pinned_mmap import _Split
+
+    split = _Split([(0, 10 * MiB)])
+    assert split.front(MiB) == (0, 0, MiB)
+    assert split.back(MiB) == (0, 9 * MiB, MiB)
+    split.close()
+    assert split.front(MiB) is None and split.back(MiB) is None and split.left == 0

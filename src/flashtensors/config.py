@@ -109,6 +109,12 @@ VARIABLES: tuple[Variable, ...] = (
         "most bytes pinned per cudaHostRegister call on the warm path",
     ),
     Variable(
+        "FLASH_WARM_RING_THREADS",
+        "warm_ring_threads",
+        _parse_int,
+        "threads reading a warm file's tail through the staging ring while its head is pinned (0: pin only)",
+    ),
+    Variable(
         "FLASH_RESIDENT_FRACTION",
         "resident_fraction",
         _parse_fraction,
@@ -132,6 +138,7 @@ class Settings:
     chunk_size: int = 16 * MiB
     ring_size: int = 256 * MiB
     register_chunk: int = 1 * GiB
+    warm_ring_threads: int = 8
     resident_fraction: float = 0.9
     debug: bool = False
 
@@ -147,6 +154,8 @@ class Settings:
         for name in ("io_threads", "cpu_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.warm_ring_threads < 0:
+            raise ConfigError("warm_ring_threads must be 0 (pin only) or more")
         if self.chunk_size < 4096 or self.chunk_size % 4096:
             raise ConfigError(f"chunk_size must be a positive multiple of 4096, not {self.chunk_size}")
         if not 2 * self.chunk_size <= self.ring_size <= GiB:

@@ -1,24 +1,26 @@
 """The ``pinned-mmap`` read path (GPU only): pin a file's page cache in place and DMA from it.
 
-The file is mapped read-only and registered with cudaHostRegister in pieces (:func:`pin_schedule`); each
-piece is copied to the GPU as soon as it is pinned, while the next one is pinned. Where the page cache
-pins too slowly, the rest of the load goes through the staging ring (:mod:`flashtensors.engine.readers`).
-Pinned pieces are unpinned in the background once their data is on the GPU. What a warm file wants.
+The files are mapped read-only and registered with cudaHostRegister in pieces from the front; each piece
+is copied to the GPU as soon as it is pinned, while the next one is pinned. At the same time reader
+threads copy the files from the back into the staging ring (:class:`~flashtensors.engine.readers.RingFeeder`),
+whose copies the pinning thread queues between its registrations; the two meet in the middle. Where the
+page cache pins too slowly, pinning stops and the ring reads the rest. Pinned pieces are unpinned in the
+background once their data is on the GPU. What a warm file wants.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import torch
 
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import read_through_ring, side_stream
+from flashtensors.engine.readers import RingFeeder, ring_is_ready, side_stream, staging_ring
 from flashtensors.engine.sysio import Mapping, align_up
 
 _releases: list[threading.Thread] = []
@@ -62,33 +64,96 @@ _PROBE_BYTES = 512 * 1024 * 1024  # pinned and timed before deciding; at least o
 
 _FIRST_PIECE = 64 * 1024 * 1024
 _PIECE_ALIGN = 2 * 1024 * 1024  # whole huge pages: a sequentially read page cache sits in 2 MiB folios
+# With the ring reading the tail at once, pieces of at most 256 MiB were faster than 1 GiB ones (4B: 45
+# against 38 GB/s; the ring's slots go back only between registrations), benches/probes/hybrid2.py.
+_RING_PIECE_CAP = 256 * 1024 * 1024
+# The ring reads a warm load's tail only where that pays for the ring's first use in a process (its
+# slots faulted in and pinned, its stream made): in a fresh process on the H100 machine a 0.6B load
+# (1.2 GB) took 0.061 s with the ring and 0.045 s without; a 4B one (8 GB) 0.225 s with it and 0.302 s
+# without. Once the ring's slots are pinned (a daemon, any earlier load through the ring), it is used
+# at any size: with the ring ready, 0.6B ran at 37-40 GB/s against 33-34 pinning alone (hybrid2.py).
+RING_MIN_BYTES = 4 * 1024**3
 
 
-def pin_schedule(lengths: Sequence[int], cap: int) -> list[list[int]]:
-    """How many bytes of each region to pin per cudaHostRegister call, in order.
+def _piece(first: bool, left: int, cap: int) -> int:
+    """How many bytes the next cudaHostRegister call should pin, with ``left`` bytes of the load not
+    yet taken by anyone.
 
     A copy can start only once its piece is pinned, and the copy of the last piece is left over after
     all pinning is done. So the first piece is small (64 MiB: DMA starts early), each later piece takes
-    a quarter of what is left of the whole load (at least 64 MiB, at most ``cap``), and the pieces
-    shrink towards the end: the DMA left after the last pin is that of ~64 MiB, not of ``cap`` (19 ms
-    at 55 GB/s for 1 GiB, a third of a warm 0.6B load). Measured on the H100 machine, 16 pins of 1 GiB
-    took as long as 4 of 4 GiB, so more calls cost little. Pieces start on 4 KiB boundaries (a region's
-    last piece may end anywhere).
+    a quarter of what is left (at least 64 MiB, at most ``cap``), and the pieces shrink towards the end:
+    the DMA left after the last pin is that of ~64 MiB, not of ``cap`` (19 ms at 55 GB/s for 1 GiB, a
+    third of a warm 0.6B load). Measured on the H100 machine, 16 pins of 1 GiB took as long as 4 of
+    4 GiB, so more calls cost little.
     """
-    left_total = sum(lengths)
-    out: list[list[int]] = []
+    want = _FIRST_PIECE if first else max(_FIRST_PIECE, left // 4)
+    return min(align_up(want, _PIECE_ALIGN), cap)
+
+
+class _Split:
+    """A warm load's bytes as one sequence (the regions in order): the pinning thread takes pieces from
+    the front, the ring's readers take chunks from the back, until the two meet. Every boundary between
+    them is a 4 KiB file offset (or a region's end), so every pinned piece starts on a page."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        self.spans = spans  # (file_start, file_end) per region; file_start on a page
+        self.starts: list[int] = []
+        total = 0
+        for start, end in spans:
+            self.starts.append(total)
+            total += end - start
+        self.lo, self.hi = 0, total
+        self.pinned = [0] * len(spans)  # bytes taken from the front, per region
+        self._lock = threading.Lock()
+
+    @property
+    def left(self) -> int:
+        return self.hi - self.lo
+
+    def _at(self, pos: int) -> int:
+        return bisect.bisect_right(self.starts, pos) - 1  # empty regions share the next one's start
+
+    def front(self, want: int) -> tuple[int, int, int] | None:
+        """Up to ``want`` bytes from the front, within one region: (region index, file offset, bytes)."""
+        with self._lock:
+            if self.lo >= self.hi:
+                return None
+            i = self._at(self.lo)
+            start, end = self.spans[i]
+            n = min(want, self.starts[i] + end - start - self.lo, self.hi - self.lo)
+            offset = start + self.lo - self.starts[i]
+            self.lo += n
+            self.pinned[i] += n
+            return i, offset, n
+
+    def back(self, want: int) -> tuple[int, int, int] | None:
+        """Up to ``want`` bytes from the back, within one region, starting on a 4 KiB file offset unless
+        it starts where the front stopped."""
+        with self._lock:
+            if self.hi <= self.lo:
+                return None
+            i = self._at(self.hi - 1)
+            floor = max(self.starts[i], self.lo)
+            # file_start is page-aligned, so a page-aligned offset into the region is a page in the file
+            new = max(floor, self.starts[i] + align_up(max(0, self.hi - want - self.starts[i]), 4096))
+            n, self.hi = self.hi - new, new
+            return i, self.spans[i][0] + new - self.starts[i], n
+
+    def close(self) -> None:
+        """Nothing more may be taken (a failed load)."""
+        with self._lock:
+            self.hi = self.lo
+
+
+def pin_schedule(lengths: Sequence[int], cap: int) -> list[list[int]]:
+    """The pieces (bytes per cudaHostRegister call, per region) of a load that pins everything: what
+    :func:`read_pinned_mmap` does without the ring."""
+    split = _Split([(0, length) for length in lengths])
+    out: list[list[int]] = [[] for _ in lengths]
     first = True
-    for length in lengths:
-        pieces: list[int] = []
-        left = length
-        while left > 0:
-            want = _FIRST_PIECE if first else max(_FIRST_PIECE, left_total // 4)
-            n = min(align_up(want, _PIECE_ALIGN), cap, left)
-            pieces.append(n)
-            left -= n
-            left_total -= n
-            first = False
-        out.append(pieces)
+    while (piece := split.front(_piece(first, split.left, cap))) is not None:
+        out[piece[0]].append(piece[2])
+        first = False
     return out
 
 
@@ -98,71 +163,90 @@ def read_pinned_mmap(
     settings: Settings,
     while_copying: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Pin each file's page cache in place, chunk by chunk, and DMA each chunk as soon as it is pinned.
+    """Pin the files' page cache in place from the front and DMA each piece as soon as it is pinned,
+    while ``settings.warm_ring_threads`` threads read the files from the back into the staging ring.
 
-    One thread registers pieces in order (:func:`pin_schedule`) while the copy engine drains the pieces
-    before it: measured on the H100 machine, registration runs at 35-57 GB/s and does not scale with more
-    threads, and a copy may not span two registrations.
+    The ring takes part where the load has at least ``RING_MIN_BYTES`` or the ring is ready. One
+    thread (this one) registers pieces (:func:`_piece`) and makes every CUDA call, the ring's copies
+    included, between its registrations: measured on the H100 machine, registration runs at
+    26-57 GB/s, does not scale with more threads, and holds the driver's lock; a copy may not span two
+    registrations. The two sides meet where their speeds put them.
 
     Pinning is timed over the first ``_PROBE_BYTES``: where it runs slower than ``SLOW_PIN_GBPS`` (page
-    cache in small folios), the bytes not yet pinned go through the staging ring instead.
+    cache in small folios), pinning stops and the ring reads the rest (with ``cpu_threads`` threads if
+    ``warm_ring_threads`` is 0).
 
     ``while_copying`` runs on a helper thread once the first copy is queued (the load builds its tensor
-    views there): registration is the bottleneck and releases the GIL, so the views cost it nothing.
+    views there): registration releases the GIL, so the views cost it nothing.
 
     Returns:
-        The path each region ended on: "pinned-mmap", or "pinned-mmap+buffered" where it switched.
+        The path each region took: "pinned-mmap", "pinned-mmap+buffered" (part through the ring) or
+        "buffered" (all through the ring).
     """
     wait_for_releases()
     helper = _Helper(while_copying)
     device = arena.device
-    maps: list[Mapping] = []
+    maps: dict[int, Mapping] = {}
     pinned: list[int] = []
-    rest: list[FileRegion] = []
-    modes = ["pinned-mmap"] * len(regions)
+    split = _Split([(r.file_start, r.file_end) for r in regions])
+    feeder: RingFeeder | None = None
+    ring_threads = settings.warm_ring_threads
     stream = side_stream(device, torch.cuda.current_stream(device))
     timed_bytes, timed_seconds = 0, 0.0
     try:
+        cap = settings.register_chunk
+        if ring_threads > 0 and split.left > 0 and (split.left >= RING_MIN_BYTES or ring_is_ready(settings)):
+            feeder = RingFeeder(staging_ring(settings), split.back, regions, arena, ring_threads)
+            cap = min(cap, _RING_PIECE_CAP)
         with torch.cuda.stream(stream):
-            schedule = pin_schedule([r.file_end - r.file_start for r in regions], settings.register_chunk)
-            for i, (region, pieces) in enumerate(zip(regions, schedule, strict=True)):
-                m = Mapping(region.path, region.file_end)
-                maps.append(m)
-                off = region.file_start
-                for n in pieces:
-                    if timed_bytes >= _PROBE_BYTES and timed_bytes / timed_seconds / 1e9 < SLOW_PIN_GBPS:
-                        rest.append(_tail(region, off))
-                        rest.extend(regions[i + 1 :])
-                        modes[i:] = ["pinned-mmap+buffered"] * (len(regions) - i)
-                        break
-                    t0 = time.perf_counter()
-                    # Register whole pages: the mapping covers them, the copy takes only file bytes.
-                    devices.host_register(m.address + off, align_up(n, 4096))
-                    if timed_bytes < _PROBE_BYTES:
-                        timed_bytes += n
-                        timed_seconds += time.perf_counter() - t0
-                    pinned.append(m.address + off)
-                    dst = region.arena_offset + off - region.file_start
-                    arena[dst : dst + n].copy_(devices.host_view(m.address + off, n), non_blocking=True)
-                    helper.start()
-                    off += n
-                if rest:
+            first = True
+            while True:
+                if feeder is not None:
+                    feeder.pump()
+                if timed_bytes >= _PROBE_BYTES and timed_bytes / timed_seconds / 1e9 < SLOW_PIN_GBPS:
                     break
+                piece = split.front(_piece(first, split.left, cap))
+                if piece is None:
+                    break
+                first = False
+                i, offset, n = piece
+                m = maps.get(i)
+                if m is None:
+                    m = maps[i] = Mapping(regions[i].path, regions[i].file_end)
+                t0 = time.perf_counter()
+                # Register whole pages: the mapping covers them, the copy takes only file bytes.
+                devices.host_register(m.address + offset, align_up(n, 4096))
+                if timed_bytes < _PROBE_BYTES:
+                    timed_bytes += n
+                    timed_seconds += time.perf_counter() - t0
+                pinned.append(m.address + offset)
+                dst = regions[i].arena_offset + offset - regions[i].file_start
+                arena[dst : dst + n].copy_(devices.host_view(m.address + offset, n), non_blocking=True)
+                helper.start()
         helper.start()  # nothing was pinned (every region empty, or the probe switched at once)
-        if rest:  # the ring's copies run on their own streams while the pinned ones drain
-            read_through_ring(rest, arena, settings, direct=False)
+        if feeder is None and split.left > 0:  # pinning was slow: the ring reads the rest
+            feeder = RingFeeder(staging_ring(settings), split.back, regions, arena, settings.cpu_threads)
+        if feeder is not None:
+            feeder.finish()
         helper.join()
         stream.synchronize()
     except BaseException:
+        split.close()
+        if feeder is not None:
+            feeder.abort()
         helper.join(reraise=False)
         stream.synchronize()
         for address in pinned:
             devices.host_unregister(address)
-        for m in maps:
+        for m in maps.values():
             m.close()
         raise
-    _release_later(pinned, maps)
-    return modes
+    _release_later(pinned, list(maps.values()))
+    ring = feeder.bytes if feeder is not None else [0] * len(regions)
+    return [
+        "pinned-mmap" if not r else ("buffered" if not p else "pinned-mmap+buffered")
+        for p, r in zip(split.pinned, ring, strict=True)
+    ]
 
 
 class _Helper:
@@ -190,8 +274,3 @@ class _Helper:
             self.thread.join()
         if reraise and self.error is not None:
             raise self.error
-
-
-def _tail(region: FileRegion, start: int) -> FileRegion:
-    """The part of ``region`` from file offset ``start`` on."""
-    return replace(region, file_start=start, arena_offset=region.arena_offset + start - region.file_start)
