@@ -205,3 +205,37 @@ def test_plan_is_reused_only_while_every_header_is_unchanged(tmp_path: Path) -> 
     assert second is not first
     assert [p.info.name for p in second.placements] == ["x", "y", "z"]
     assert_same(load_state_dict([a, b]), expected_tensors([random_spec("x", "F32", (64,), 1), *grown]))
+
+
+@pytest.mark.parametrize("mod8", [0, 3, 5])
+def test_gpu_plans_put_tensors_on_256_byte_boundaries(tmp_path: Path, mod8: int) -> None:
+    """A plan for a GPU arena shifts each file's region so its tensors start on 256-byte boundaries
+    (cuBLAS picks kernels by operand alignment); a CPU plan keeps regions on 4096 boundaries. Either
+    way regions do not overlap and fit the arena."""
+    from flashtensors.engine.plan import GPU_TENSOR_ALIGN, make_plan
+
+    files = []
+    for i in range(3):
+        path = tmp_path / f"s{i}.safetensors"
+        specs = [random_spec(f"s{i}.w{j}", "BF16", (16, 8 * (j + 1)), 10 * i + j) for j in range(4)]
+        write(path, build(specs, data_start_mod8=mod8))
+        files.append(path)
+    old = time.time() - 60  # settled files: their plans are cached, one per alignment
+    for path in files:
+        os.utime(path, (old, old))
+    cpu, gpu = make_plan(files), make_plan(files, GPU_TENSOR_ALIGN)
+    assert gpu is not cpu and make_plan(files) is cpu and make_plan(files, GPU_TENSOR_ALIGN) is gpu
+    assert all(r.arena_offset % 4096 == 0 for r in cpu.regions)
+    for plan in (cpu, gpu):
+        ends = 0
+        for r in plan.regions:
+            assert r.arena_offset >= ends
+            ends = r.arena_offset + r.span
+        assert plan.arena_size >= ends
+    by_file = {r.path: r for r in gpu.regions}
+    for p in gpu.placements:
+        region = next(r for r in gpu.regions if r.header.tensors and p.info in r.header.tensors)
+        assert region is by_file[region.path]
+        if (p.info.start - region.header.data_start) % GPU_TENSOR_ALIGN == 0:
+            assert p.offset % GPU_TENSOR_ALIGN == 0, p.info.name
+    assert sum(1 for p in gpu.placements if p.offset % GPU_TENSOR_ALIGN == 0) >= 3  # each file's first

@@ -380,6 +380,23 @@ def test_side_streams_are_bounded_and_shared_across_threads(ring_file: Path) -> 
     assert len(readers._pool[dev]) == readers._STREAMS_PER_DEVICE
 
 
+@pytest.mark.parametrize("read_path", PATHS)
+def test_gpu_tensors_start_on_256_byte_boundaries(index_dir: Path, read_path: str) -> None:
+    """As in their own allocations (cuBLAS picks kernels by operand alignment)."""
+    from flashtensors.format.safetensors import read_header
+
+    sd = load_state_dict(index_dir, device=DEV, read_path=read_path)
+    checked = 0
+    for f in sorted(index_dir.glob("*.safetensors")):
+        header = read_header(f)
+        for t in header.tensors:
+            if t.nbytes and (t.start - header.data_start) % 256 == 0:
+                assert sd[t.name].data_ptr() % 256 == 0, t.name
+                checked += 1
+    assert checked >= 4  # at least each shard's first tensor
+    assert_same(sd, reference_load(index_dir), device=DEV)
+
+
 def test_priming_the_copy_path_makes_the_streams_once(ring_file: Path) -> None:
     from flashtensors.engine import readers
 

@@ -16,7 +16,7 @@ import torch
 
 from flashtensors.config import Settings, get_settings
 from flashtensors.engine import devices, pinned, pinned_mmap, readers
-from flashtensors.engine.plan import Checkpoint, FileRegion, Plan, make_plan, resolve_files
+from flashtensors.engine.plan import GPU_TENSOR_ALIGN, Checkpoint, FileRegion, Plan, make_plan, resolve_files
 from flashtensors.engine.sysio import residency
 from flashtensors.errors import ConfigError
 from flashtensors.format.safetensors import DTYPES, read_header
@@ -165,7 +165,7 @@ def load(
         raise ConfigError(f"read_path must be auto, direct, pinned-mmap or buffered, not {forced!r}")
     dev = devices.resolve_device(device)
     start = time.perf_counter()
-    plan = make_plan(resolve_files(checkpoint))
+    plan = make_plan(resolve_files(checkpoint), GPU_TENSOR_ALIGN if dev.type == "cuda" else 0)
     arena = devices.allocate_arena(plan.arena_size, dev)
     tensors: dict[str, torch.Tensor] = {}
     paths = _read(plan, arena, dev, forced, settings, lambda: tensors.update(_views(plan, arena)))
