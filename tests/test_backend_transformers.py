@@ -256,3 +256,19 @@ def test_tied_checkpoint_holding_only_lm_head(llama_tied_dir: Path, tmp_path: Pa
     assert llm.model.model.embed_tokens.weight is llm.model.lm_head.weight
     with torch.no_grad():
         assert torch.equal(llm.model(IDS).logits, ref(IDS).logits)
+
+
+@pytest.mark.gpu
+def test_cuda_model_comes_back_with_the_page_cache_unpinned(qwen3_dir: Path) -> None:
+    """The warm path unpins in the background; a model must not come back while that still runs (it
+    holds the driver's lock and slowed the first generate by ~0.4 s on an 8B shape)."""
+    import threading
+
+    import flashtensors as ft
+    from flashtensors.engine import pinned_mmap
+
+    ft.configure(warm_ring_threads=0)  # all pinned (on a small file the ring could take everything)
+    llm = load_transformers_model(qwen3_dir, dtype="bfloat16", device="cuda", read_path="pinned-mmap")
+    assert any("pinned-mmap" in p for p in llm.load_stats.paths.values())
+    assert not pinned_mmap._releases
+    assert not [t for t in threading.enumerate() if t.name == "flash-unpin" and t.is_alive()]
