@@ -9,6 +9,7 @@ total = sum(os.path.getsize(f) for f in files)
 M = 2**20
 configs = {
     "ft direct 8t16M": ("ft", dict(FLASH_READ_PATH="direct")),
+    "ft branch direct 8t16M": ("ft", dict(FLASH_READ_PATH="direct", PROBE_SRC=".probe/branch/src")),
     "ft buffered 16t16M": ("ft", dict(FLASH_READ_PATH="buffered")),
     "ft buffered 16t64M": ("ft", dict(FLASH_READ_PATH="buffered", FLASH_CHUNK_SIZE="64M", FLASH_RING_SIZE="1G")),
     "ft direct 16t64M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="16", FLASH_CHUNK_SIZE="64M", FLASH_RING_SIZE="1G")),
@@ -22,8 +23,8 @@ configs = {
 if len(sys.argv) > 3:
     configs = {k: configs[k] for k in sys.argv[3].split(",")}
 CHILD = r'''
-import sys, time, torch
-sys.path.insert(0, "src")
+import os, sys, time, torch
+sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))  # PROBE_SRC: another tree's src, e.g. a branch
 from flashtensors.bench import loaders
 name, D = sys.argv[1], sys.argv[2]
 torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
