@@ -7,6 +7,7 @@ the table in :data:`VARIABLES`, so a variable's description lives in exactly one
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -179,7 +180,13 @@ def _from_env() -> Settings:
                 raise ConfigError(f"{var.env}: {exc.message}") from exc
     if "cpu_threads" not in values:
         values["cpu_threads"] = max(1, min(16, os.cpu_count() or 1))
-    return Settings(**values).validate()
+    try:
+        return Settings(**values).validate()
+    except ConfigError as exc:  # name the variable the user set, not our field
+        for var in VARIABLES:
+            if var.env in os.environ and re.search(rf"\b{var.field}\b", exc.message):
+                raise ConfigError(f"{var.env}={os.environ[var.env]}: {exc.message}") from exc
+        raise
 
 
 _lock = threading.Lock()

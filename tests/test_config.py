@@ -1,0 +1,44 @@
+"""Settings from the environment: a value out of range names the FLASH_* variable the user set."""
+
+from __future__ import annotations
+
+import pytest
+
+import flashtensors as ft
+from flashtensors.config import get_settings, reset_settings
+from flashtensors.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field"),
+    [
+        ("FLASH_WARM_RING_THREADS", "-1", "warm_ring_threads"),
+        ("FLASH_IO_THREADS", "0", "io_threads"),
+        ("FLASH_CHUNK_SIZE", "1G", "ring_size must hold two chunks"),
+    ],
+)
+def test_an_out_of_range_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    reset_settings()
+    with pytest.raises(ConfigError) as info:
+        get_settings()
+    assert info.value.message.startswith(f"{env}={value}: ")
+    assert field in info.value.message and "flash --help" in info.value.hint
+
+
+def test_an_unparsable_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_WARM_RING_THREADS", "many")
+    reset_settings()
+    with pytest.raises(ConfigError, match="FLASH_WARM_RING_THREADS: not an integer"):
+        get_settings()
+
+
+def test_configure_names_the_keyword(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLASH_WARM_RING_THREADS", raising=False)
+    reset_settings()
+    with pytest.raises(ConfigError) as info:
+        ft.configure(warm_ring_threads=-2)
+    assert info.value.message == "warm_ring_threads must be 0 (pin only) or more"
+    assert ft.configure(warm_ring_threads=0).warm_ring_threads == 0
