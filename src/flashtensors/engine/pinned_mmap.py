@@ -71,7 +71,7 @@ _RING_PIECE_CAP = 256 * 1024 * 1024
 # slots faulted in and pinned, its stream made): in a fresh process on the H100 machine a 0.6B load
 # (1.2 GB) took 0.061 s with the ring and 0.045 s without; a 4B one (8 GB) 0.225 s with it and 0.302 s
 # without. Once the ring's slots are pinned (a daemon, any earlier load through the ring), it is used
-# at any size: with the ring ready, 0.6B ran at 37-40 GB/s against 33-34 pinning alone (hybrid2.py).
+# at any size: with the ring ready, 0.6B ran at 37-40 GB/s against 32-34 pinning alone (hybrid2.py).
 RING_MIN_BYTES = 4 * 1024**3
 
 
