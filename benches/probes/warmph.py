@@ -1,12 +1,15 @@
-"""Where a warm (or cold) load's time goes, in a fresh process: python warmph.py DIR [ROUNDS] [cold]
+"""Where a warm (or cold) load's time goes, in a fresh process: python warmph.py DIR [ROUNDS] [cold] [ring]
 Each round is a new process (CUDA context made before the clock, files cached by the parent), which loads
 twice: the first load pays the process's one-off costs, the second shows what stays. Prints, per load, the
 start and end (ms from the load's start) of every phase the engine goes through. With "cold", the page
-cache is dropped before each load, and the first and last file reads are shown as phases too."""
+cache is dropped before each load, and the first and last file reads are shown as phases too. With "ring",
+a warm load of any size reads its tail through the staging ring (RING_MIN_BYTES = 0): the ring's first use
+in the process (its slots' first reads and pins, its first copies) shows as phases."""
 import json, os, subprocess, sys, time
 
 D = sys.argv[1]
 COLD = "cold" in sys.argv[3:]
+RING = "ring" in sys.argv[3:]
 if sys.argv[2:3] != ["child"]:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     files = sorted(os.path.join(D, f) for f in os.listdir(D) if f.endswith(".safetensors"))
@@ -15,7 +18,7 @@ if sys.argv[2:3] != ["child"]:
             while fh.read(64 << 20):
                 pass
     for r in range(rounds):
-        out = subprocess.run([sys.executable, __file__, D, "child"] + (["cold"] if COLD else []),
+        out = subprocess.run([sys.executable, __file__, D, "child"] + (["cold"] if COLD else []) + (["ring"] if RING else []),
                              capture_output=True, text=True)
         print(out.stdout.strip() or out.stderr[-2000:], flush=True)
     raise SystemExit(0)
@@ -56,6 +59,12 @@ for mod, name in [(api, "make_plan"), (api, "resolve_files"), (devices, "allocat
                   (readers, "staging_ring"), (readers, "open_direct"), (readers, "_run_parallel"),
                   (readers, "pread_full")]:
     wrap(mod, name)
+if hasattr(readers, "RingFeeder"):  # the warm split (sixth session on)
+    for name in ("__init__", "_take", "finish"):
+        wrap(readers.RingFeeder, name, "ring." + name.strip("_"))
+    wrap(devices.PinnedBuffer, "prepare", "slot.prepare")
+    if RING:
+        pinned_mmap.RING_MIN_BYTES = 0
 from flashtensors.bench.cache import drop_cache
 res = []
 for i in range(2):
