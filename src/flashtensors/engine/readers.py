@@ -28,7 +28,7 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.sysio import DIRECT_ALIGN, Mapping, align_up, buffer_at, open_direct, pread_full
+from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 from flashtensors.errors import FormatError
 
 
@@ -165,19 +165,15 @@ def prime_copies(device: torch.device, streams: int) -> None:
     """
     if device in _primed:
         return
-    page = Mapping(None, DIRECT_ALIGN)  # one populated anonymous page, pinned as the ring's slots are
-    devices.host_register(page.address, DIRECT_ALIGN)
-    try:
-        dst = torch.empty(64, dtype=torch.uint8, device=device)
-        stream = side_stream(device, torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            dst.copy_(devices.host_view(page.address, 64), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-        done.synchronize()
-    finally:
-        devices.host_unregister(page.address)
-        page.close()
+    page = devices.PinnedBuffer(DIRECT_ALIGN, piece=DIRECT_ALIGN)  # one page, made as a ring slot is
+    dst = torch.empty(64, dtype=torch.uint8, device=device)
+    stream = side_stream(device, torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        dst.copy_(page.prepare(0)[:64], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    done.synchronize()
+    del page  # unpinned and unmapped, its copy done
     make_streams(device, streams)
     _primed.add(device)
 
