@@ -301,12 +301,12 @@ def test_a_failure_with_the_ring_running_fails_the_load_and_frees_everything(
 ) -> None:
     """A ring reader's read error, or the pinning thread's second cudaHostRegister failing, fails the
     load with that error; the ring is let go and every piece unpinned, so the same file loads again."""
-    from flashtensors.engine import devices, readers
+    from flashtensors.engine import devices, ring_feeder
     from flashtensors.errors import DeviceError
 
     _ring_claims_first(monkeypatch)
     ft.configure(register_chunk=1024 * 1024, chunk_size=64 * 1024, ring_size=256 * 1024, warm_ring_threads=2)
-    module, name = (readers, "pread_full") if failing == "ring read" else (devices, "host_register")
+    module, name = (ring_feeder, "pread_full") if failing == "ring read" else (devices, "host_register")
     working = getattr(module, name)  # for host_register: the waiting wrapper
     calls = []
 
@@ -356,28 +356,28 @@ def test_side_streams_are_bounded_and_shared_across_threads(ring_file: Path) -> 
     """Reader threads come and go with each load; the streams they take must not grow with them."""
     import threading
 
-    from flashtensors.engine import readers
+    from flashtensors.engine import streams
 
     dev = torch.device(DEV)
     caller = torch.cuda.current_stream(dev)
     got: list[int] = []
 
     def take() -> None:
-        got.append(readers.side_stream(dev, caller).cuda_stream)
+        got.append(streams.side_stream(dev, caller).cuda_stream)
 
-    for _ in range(3 * readers._STREAMS_PER_DEVICE):
+    for _ in range(3 * streams._STREAMS_PER_DEVICE):
         t = threading.Thread(target=take)
         t.start()
         t.join()
-    assert len(got) == 3 * readers._STREAMS_PER_DEVICE
-    assert 1 < len(set(got)) <= readers._STREAMS_PER_DEVICE
+    assert len(got) == 3 * streams._STREAMS_PER_DEVICE
+    assert 1 < len(set(got)) <= streams._STREAMS_PER_DEVICE
     ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
     for _ in range(3):  # each load's reader threads are new ones, served from the same streams
         sd = load_state_dict(ring_file, device=DEV, read_path="direct")
         assert_same(sd, reference_load(ring_file), device=DEV)
-    assert len(readers._pool[dev]) <= readers._STREAMS_PER_DEVICE
-    readers.make_streams(dev, 2 * readers._STREAMS_PER_DEVICE)  # made ahead by a load: still bounded
-    assert len(readers._pool[dev]) == readers._STREAMS_PER_DEVICE
+    assert len(streams._pool[dev]) <= streams._STREAMS_PER_DEVICE
+    streams.make_streams(dev, 2 * streams._STREAMS_PER_DEVICE)  # made ahead by a load: still bounded
+    assert len(streams._pool[dev]) == streams._STREAMS_PER_DEVICE
 
 
 @pytest.mark.parametrize("read_path", PATHS)
@@ -398,12 +398,12 @@ def test_gpu_tensors_start_on_256_byte_boundaries(index_dir: Path, read_path: st
 
 
 def test_priming_the_copy_path_makes_the_streams_once(ring_file: Path) -> None:
-    from flashtensors.engine import readers
+    from flashtensors.engine import streams
 
     dev = torch.device(DEV)
-    readers._primed.discard(dev)
-    readers.prime_copies(dev, 4)
-    assert dev in readers._primed and 4 <= len(readers._pool[dev]) <= readers._STREAMS_PER_DEVICE
+    streams._primed.discard(dev)
+    streams.prime_copies(dev, 4)
+    assert dev in streams._primed and 4 <= len(streams._pool[dev]) <= streams._STREAMS_PER_DEVICE
     ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
     assert_same(
         load_state_dict(ring_file, device=DEV, read_path="direct"), reference_load(ring_file), device=DEV

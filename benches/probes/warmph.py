@@ -59,9 +59,13 @@ for mod, name in [(api, "make_plan"), (api, "resolve_files"), (devices, "allocat
                   (readers, "staging_ring"), (readers, "open_direct"), (readers, "_run_parallel"),
                   (readers, "pread_full")]:
     wrap(mod, name)
-if hasattr(readers, "RingFeeder"):  # the warm split (sixth session on)
+try:  # the warm split (sixth session on)
+    from flashtensors.engine import ring_feeder
+except ImportError:
+    ring_feeder = None
+if ring_feeder is not None:
     for name in ("__init__", "_take", "finish"):
-        wrap(readers.RingFeeder, name, "ring." + name.strip("_"))
+        wrap(ring_feeder.RingFeeder, name, "ring." + name.strip("_"))
     wrap(devices.PinnedBuffer, "prepare", "slot.prepare")
     if RING:
         pinned_mmap.RING_MIN_BYTES = 0

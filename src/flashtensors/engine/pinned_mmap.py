@@ -2,7 +2,7 @@
 
 The files are mapped read-only and registered with cudaHostRegister in pieces from the front; each piece
 is copied to the GPU as soon as it is pinned, while the next one is pinned. At the same time reader
-threads copy the files from the back into the staging ring (:class:`~flashtensors.engine.readers.RingFeeder`),
+threads copy the files from the back into the staging ring (:mod:`flashtensors.engine.ring_feeder`),
 whose copies the pinning thread queues between its registrations; the two meet in the middle. Where the
 page cache pins too slowly, pinning stops and the ring reads the rest. Pinned pieces are unpinned in the
 background once their data is on the GPU. What a warm file wants.
@@ -20,7 +20,9 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import RingFeeder, ring_is_ready, side_stream, staging_ring
+from flashtensors.engine.readers import ring_is_ready, staging_ring
+from flashtensors.engine.ring_feeder import RingFeeder
+from flashtensors.engine.streams import side_stream
 from flashtensors.engine.sysio import Mapping, align_up
 
 _releases: list[threading.Thread] = []

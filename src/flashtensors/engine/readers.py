@@ -14,7 +14,6 @@ Each function takes the regions it should fill and returns nothing; errors propa
 
 from __future__ import annotations
 
-import collections
 import os
 import queue
 import threading
@@ -28,6 +27,7 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
+from flashtensors.engine.streams import prime_copies, side_stream
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 from flashtensors.errors import FormatError
 
@@ -70,7 +70,7 @@ def _run_parallel(
                 future.result()
 
 
-def _shrank(path: object) -> FormatError:
+def shrank(path: object) -> FormatError:
     return FormatError(
         f"{path}: the file shrank while it was read (is something rewriting it?)",
         hint="wait for the writer to finish, then load again; `flash verify MODEL` checks a stored model",
@@ -106,7 +106,7 @@ def read_into_host(
                         raise _DirectRefused() from exc
                     raise
                 if got < job.useful:
-                    raise _shrank(region.path)
+                    raise shrank(region.path)
 
             threads = settings.io_threads if mode == "direct" else settings.cpu_threads
             try:
@@ -122,83 +122,8 @@ def read_into_host(
     return used
 
 
-_streams = threading.local()
-_STREAMS_PER_DEVICE = 16
-_pool: dict[torch.device, list[torch.cuda.Stream]] = {}
-_pool_turn: dict[torch.device, int] = {}
-_pool_lock = threading.Lock()
-
-
-def _pooled_stream(device: torch.device) -> torch.cuda.Stream:
-    """One of at most ``_STREAMS_PER_DEVICE`` streams of ours per device, handed out in turn; a new one
-    is made when every stream made so far was handed out once (reader threads come and go with each
-    load; the streams stay)."""
-    with _pool_lock:
-        streams = _pool.setdefault(device, [])
-        turn = _pool_turn.get(device, 0)
-        _pool_turn[device] = turn + 1
-        if turn >= len(streams) and len(streams) < _STREAMS_PER_DEVICE:
-            streams.append(devices.new_stream(device))
-        return streams[turn % len(streams)]
-
-
-def make_streams(device: torch.device, count: int) -> None:
-    """Make streams for the pool now, up to ``count`` (at most ``_STREAMS_PER_DEVICE``), so the reader
-    threads' first copies find them."""
-    with _pool_lock:
-        streams = _pool.setdefault(device, [])
-        while len(streams) < min(count, _STREAMS_PER_DEVICE):
-            streams.append(devices.new_stream(device))
-
-
-_primed: set[torch.device] = set()
-
-
-def prime_copies(device: torch.device, streams: int) -> None:
-    """Once per process and device, run on this thread what a reader's first copy runs (a stream, a
-    tensor over registered memory, an asynchronous copy from it, an event), then make the streams.
-
-    Called by the loading thread while the readers' first reads are in flight. In a fresh process after
-    a cache drop, the copies of a cold 0.6B load's first chunks started ~55 ms after their reads ended,
-    on the H100 machine (``benches/probes/warmph.py ... cold``): the first reader to copy held the GIL
-    while that code ran for the first time, and the others waited for it with the disk idle.
-    """
-    if device in _primed:
-        return
-    page = devices.PinnedBuffer(DIRECT_ALIGN, piece=DIRECT_ALIGN)  # one page, made as a ring slot is
-    dst = torch.empty(64, dtype=torch.uint8, device=device)
-    stream = side_stream(device, torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        dst.copy_(page.prepare(0)[:64], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    done.synchronize()
-    del page  # unpinned and unmapped, its copy done
-    make_streams(device, streams)
-    _primed.add(device)
-
-
-def side_stream(device: torch.device, caller: torch.cuda.Stream) -> torch.cuda.Stream:
-    """A stream for our copies that first waits for the caller's stream: the arena may be memory the
-    caching allocator just recycled from a tensor that kernels queued there still read.
-
-    One per thread and device, kept; made by :func:`devices.new_stream`, not taken from torch's pool,
-    whose first use costs 2.7-5 ms (measured on the H100 machine). Two threads may share one stream:
-    their copies then queue one after the other, and every wait is still on an event recorded behind
-    the copy it guards.
-    """
-    cache = getattr(_streams, "by_device", None)
-    if cache is None:
-        cache = _streams.by_device = {}
-    stream = cache.get(device)
-    if stream is None:
-        stream = cache[device] = _pooled_stream(device)
-    stream.wait_stream(caller)
-    return stream
-
-
 @dataclass
-class _Slot:
+class Slot:
     offset: int  # in the ring's buffer
     tensor: torch.Tensor | None = None  # made, with the slot's pinning, before its first copy
     event: torch.cuda.Event | None = None
@@ -215,7 +140,7 @@ class StagingRing:
 
     slot_size: int
     buffer: devices.PinnedBuffer
-    slots: list[_Slot] = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)
     # One load at a time owns the slots; concurrent loads through the ring take turns (they would share
     # the disk and the copy engine anyway).
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -224,7 +149,7 @@ class StagingRing:
     def allocate(cls, ring_size: int, slot_size: int) -> StagingRing:
         count = max(2, ring_size // slot_size)
         buf = devices.PinnedBuffer(count * slot_size, piece=slot_size)
-        slots = [_Slot(i * slot_size) for i in range(count)]
+        slots = [Slot(i * slot_size) for i in range(count)]
         return cls(slot_size, buf, slots)
 
 
@@ -265,7 +190,7 @@ def read_through_ring(
 def _ring_read(
     ring: StagingRing, regions: list[FileRegion], arena: torch.Tensor, settings: Settings, direct: bool
 ) -> list[str]:
-    free: queue.Queue[_Slot] = queue.Queue()
+    free: queue.Queue[Slot] = queue.Queue()
     for slot in ring.slots:
         free.put(slot)
     device = arena.device
@@ -301,7 +226,7 @@ def _ring_read(
                             extra = fallback[job.fd] = os.open(paths[job.fd], os.O_RDONLY)
                     got = pread_full(extra, view[: job.useful], job.file_offset)
                 if got < job.useful:
-                    raise _shrank(paths[job.fd])
+                    raise shrank(paths[job.fd])
                 # Pinning, the tensor and the stream are needed only now, so a new thread's first read
                 # does not wait for them (in a fresh process after a cache drop, making the first
                 # streams took 15-18 ms, the ring's tensors 39-57 ms).
@@ -333,175 +258,6 @@ def _ring_read(
         for fd in fds:
             os.close(fd)
     return modes
-
-
-# (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
-Claim = Callable[[int], tuple[int, int, int] | None]
-
-
-class RingFeeder:
-    """Reader threads that read claimed chunks into the staging ring's slots and make no CUDA call; the
-    thread that owns the feeder queues each full slot's copy in :meth:`pump`, between its own CUDA calls.
-
-    For a warm load that pins the page cache on one thread (:mod:`flashtensors.engine.pinned_mmap`):
-    the driver holds one lock while cudaHostRegister runs, so a copy or stream made by a reader thread
-    would wait out every registration (measured in engine v2: the hybrid then lost to both its halves).
-    Here, measured on the H100 machine (``benches/probes/hybrid2.py``), pinning the head while 8 threads
-    read the tail took a 4B load from 30 to 45 GB/s and a 0.6B one from 33 to 37-40.
-
-    Holds the ring from construction to :meth:`finish` or :meth:`abort`; one of them must be called.
-    """
-
-    def __init__(
-        self,
-        ring: StagingRing,
-        claim: Claim,
-        regions: list[FileRegion],
-        arena: torch.Tensor,
-        threads: int,
-    ) -> None:
-        self.ring, self.claim, self.regions, self.arena = ring, claim, regions, arena
-        self.bytes = [0] * len(regions)  # per region, what went through the ring
-        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        self._full: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._inflight: collections.deque[_Slot] = collections.deque()
-        self._stop = False
-        self._fds: list[int] = []
-        self._stream: torch.cuda.Stream | None = None
-        ring.lock.acquire()
-        self._owns_ring = True
-        try:
-            for slot in ring.slots:
-                if slot.event is not None:
-                    slot.event.synchronize()
-                self._free.put(slot)
-            self._fds = [os.open(r.path, os.O_RDONLY) for r in regions]
-            count = max(1, min(threads, len(ring.slots) - 1))
-            self._threads = [
-                threading.Thread(target=self._read, name=f"flash-ring-{i}", daemon=True) for i in range(count)
-            ]
-            self._running = len(self._threads)
-            for t in self._threads:
-                t.start()
-        except BaseException:
-            self._close()
-            raise
-
-    def _read(self) -> None:
-        try:
-            while not self._stop:
-                chunk = self.claim(self.ring.slot_size)
-                if chunk is None:
-                    break
-                i, offset, n = chunk
-                slot = self._free.get()
-                if self._stop:
-                    self._free.put(slot)
-                    break
-                got = pread_full(self._fds[i], buffer_at(self.ring.buffer.address + slot.offset, n), offset)
-                if got < n:
-                    raise _shrank(self.regions[i].path)
-                self._full.put((slot, i, offset, n))
-        except BaseException as exc:  # handed to the owner, who stops the others
-            self._full.put(exc)
-        finally:
-            self._full.put(None)
-
-    @property
-    def running(self) -> bool:
-        return self._running > 0
-
-    def pump(self, wait: bool = False) -> None:
-        """Queue the copy of every slot read so far, and hand back the slots whose copies are done. With
-        ``wait``, first block until a reader delivers a slot or the oldest copy completes.
-
-        Raises:
-            whatever a reader raised (the feeder must then be aborted).
-        """
-        if wait and self._full.empty():
-            if self._inflight:
-                self._recycle(block=True)
-            elif self.running:
-                self._take(self._full.get())
-        while True:
-            try:
-                item = self._full.get_nowait()
-            except queue.Empty:
-                break
-            self._take(item)
-        self._recycle(block=False)
-
-    def _take(self, item: Any) -> None:
-        if item is None:
-            self._running -= 1
-            return
-        if isinstance(item, BaseException):
-            raise item
-        slot, i, offset, n = item
-        if self._stop:
-            self._free.put(slot)
-            return
-        if slot.tensor is None:
-            slot.tensor = self.ring.buffer.prepare(slot.offset)
-        if self._stream is None:
-            self._stream = _pooled_stream(self.arena.device)
-            self._stream.wait_stream(torch.cuda.current_stream(self.arena.device))
-        region = self.regions[i]
-        dst = region.arena_offset + offset - region.file_start
-        with torch.cuda.stream(self._stream):
-            self.arena[dst : dst + n].copy_(slot.tensor[:n], non_blocking=True)
-            slot.event = torch.cuda.Event()
-            slot.event.record(self._stream)
-        self._inflight.append(slot)
-        self.bytes[i] += n
-
-    def _recycle(self, block: bool) -> None:
-        while self._inflight:
-            slot = self._inflight[0]
-            assert slot.event is not None
-            if not block and not slot.event.query():
-                break
-            slot.event.synchronize()
-            self._inflight.popleft()
-            self._free.put(slot)
-            block = False
-
-    def finish(self) -> None:
-        """Wait until every claimed chunk is on the device, then let the ring go."""
-        try:
-            while self.running:
-                self.pump(wait=True)
-            self.pump()
-            while self._inflight:
-                self._recycle(block=True)
-        except BaseException:
-            self.abort()
-            raise
-        self._close()
-
-    def abort(self) -> None:
-        """Stop the readers (each finishes the read it is in), wait for queued copies, let the ring go."""
-        self._stop = True
-        while self.running or self._inflight:
-            if self._inflight:
-                self._recycle(block=True)
-                continue
-            item = self._full.get()
-            if item is None:
-                self._running -= 1
-            elif not isinstance(item, BaseException):
-                self._free.put(item[0])
-        self._close()
-
-    def _close(self) -> None:
-        for t in getattr(self, "_threads", []):
-            t.join()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-        if self._owns_ring:
-            self._owns_ring = False
-            self.ring.lock.release()
 
 
 def read_pinned(
