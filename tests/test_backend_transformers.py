@@ -272,3 +272,20 @@ def test_cuda_model_comes_back_with_the_page_cache_unpinned(qwen3_dir: Path) -> 
     assert any("pinned-mmap" in p for p in llm.load_stats.paths.values())
     assert not pinned_mmap._releases
     assert not [t for t in threading.enumerate() if t.name == "flash-unpin" and t.is_alive()]
+
+
+@pytest.mark.gpu
+def test_cuda_cached_weights_are_not_pinned_in_place(qwen3_dir: Path) -> None:
+    """load_model reads a cached checkpoint through the staging ring: unpinning the page cache afterwards
+    would hold the driver's lock while the first generate runs."""
+    from flashtensors.engine import pinned_mmap
+
+    for f in qwen3_dir.glob("*.safetensors"):
+        f.read_bytes()
+    llm = load_transformers_model(qwen3_dir, dtype="bfloat16", device="cuda")
+    assert set(llm.load_stats.paths.values()) == {"buffered"}
+    assert not pinned_mmap._releases
+    auto = transformers.AutoModelForCausalLM
+    ref = auto.from_pretrained(qwen3_dir, dtype=torch.bfloat16, device_map="cuda")
+    with torch.no_grad():
+        assert torch.equal(llm.model(IDS.cuda()).logits, ref(IDS.cuda()).logits)

@@ -408,3 +408,17 @@ def test_priming_the_copy_path_makes_the_streams_once(ring_file: Path) -> None:
     assert_same(
         load_state_dict(ring_file, device=DEV, read_path="direct"), reference_load(ring_file), device=DEV
     )
+
+
+@pytest.mark.parametrize("pin_cache", [True, False], ids=["pin_cache", "no_pin_cache"])
+def test_cached_file_without_pinning_the_cache(ring_file: Path, pin_cache: bool) -> None:
+    """pin_cache=False reads a cached file through the staging ring: the same bytes, nothing left to unpin."""
+    from flashtensors.engine import pinned_mmap
+
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024, warm_ring_threads=0)
+    pinned_mmap.wait_for_releases()  # an earlier test's background unpin is not this load's
+    ring_file.read_bytes()
+    result = load(ring_file, device=DEV, pin_cache=pin_cache)
+    assert_same(result.tensors, reference_load(ring_file), device=DEV)
+    assert set(result.stats.paths.values()) == ({"pinned-mmap"} if pin_cache else {"buffered"})
+    assert bool(pinned_mmap._releases) == pin_cache  # the pinned-in-place cache is unpinned later

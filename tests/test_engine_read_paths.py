@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 import flashtensors as ft
 from flashtensors.engine.api import load, load_file, load_state_dict
@@ -142,3 +143,23 @@ def test_direct_falls_back_cleanly(
     result = load(ring_file, read_path="direct")
     assert_same(result.tensors, reference_load(ring_file))
     assert set(result.stats.paths.values()) == {"buffered"}
+
+
+@pytest.mark.parametrize("pin_cache", [True, False], ids=["pin_cache", "no_pin_cache"])
+def test_auto_choice_for_a_gpu(ring_file: Path, pin_cache: bool) -> None:
+    """With "auto", a cached file goes to the GPU pinned in place, or through the ring with pin_cache=False;
+    a file not in the page cache is read with O_DIRECT either way. (Only the choice: no GPU needed.)"""
+    from flashtensors.config import get_settings
+    from flashtensors.engine.api import _choose
+    from flashtensors.engine.plan import make_plan
+
+    region = make_plan([ring_file]).regions[0]
+    gpu, settings = torch.device("cuda", 0), get_settings()
+    ring_file.read_bytes()
+    assert _choose(region, gpu, "auto", settings, pin_cache) == ("pinned-mmap" if pin_cache else "buffered")
+    assert _choose(region, torch.device("cpu"), "auto", settings, pin_cache) == "buffered"
+    assert _choose(region, gpu, "pinned-mmap", settings, pin_cache) == "pinned-mmap"  # forced stays forced
+    if not drop_from_cache(ring_file):
+        pytest.skip("this filesystem keeps the pages (cannot make a file cold here)")
+    assert _choose(region, gpu, "auto", settings, pin_cache) == "direct"
+    assert _choose(region, torch.device("cpu"), "auto", settings, pin_cache) == "direct"
