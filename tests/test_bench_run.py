@@ -370,3 +370,29 @@ def test_no_limits_still_describes_the_machine(ckpt_dir: Path) -> None:
     assert report["limits"] == {} and report["disk_runs"] == []
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["date"]
     assert report["machine"]["device"] == "cpu"
+
+
+def test_e2e_on_cpu_is_primed_once_then_timed_per_loader(ckpt_dir: Path) -> None:
+    """e2e: one untimed priming run first (the machine's one-off costs), then each loader builds the model
+    and generates one token; the weights it generated with are the checkpoint's."""
+    options = RunOptions(
+        loaders=["flashtensors", "transformers"], scenarios=["e2e"], repeat=1, device="cpu", limits=False
+    )
+    ckpt = resolve_checkpoint(ckpt_dir)
+    report = run_bench(ckpt, options)
+    prime = report["workers"]["e2e_prime"]
+    assert "error" not in prime and prime["wall_seconds"] >= prime["seconds"] > 0
+    runs = report["runs"]
+    assert sorted(r["loader"] for r in runs) == ["flashtensors", "transformers"]
+    for r in runs:
+        assert r["status"] == "ok", r
+        assert r["checksums"] == ckpt.reference, r["loader"]
+        assert r["generated_tokens"] == 1
+        assert r["seconds"] == pytest.approx(r["load_seconds"] + r["first_token_seconds"])
+    from flashtensors.bench.report import format_header
+
+    header = format_header(report).splitlines()
+    assert (
+        f"e2e: primed by one untimed run of a one-layer copy of the model before the first loader "
+        f"({prime['seconds']:.2f} s)" in header
+    )

@@ -197,6 +197,12 @@ def format_header(report: dict[str, Any]) -> str:
                 else "reused from torch's cache, where the untimed load freed it (--hot-memory reused)"
             )
         )
+    prime = workers.get("e2e_prime")
+    if prime:
+        lines.append(
+            "e2e: primed by one untimed run of a one-layer copy of the model before the first loader"
+            + (f" ({prime['seconds']:.2f} s)" if "seconds" in prime else f": FAILED, {prime.get('error')}")
+        )
     repeats = report["options"]["repeat"]
     if repeats < 3:
         lines.append(f"note: median of {repeats} run(s); BENCH.md asks for at least 3")
