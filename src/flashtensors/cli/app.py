@@ -26,6 +26,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.command("start", hidden=True)
+def _start() -> None:
+    """The daemon that keeps models hot between commands: promised, not built yet (hidden from --help)."""
+    raise FlashError(
+        "`flash start` (the daemon that keeps models hot between commands) is not built yet",
+        hint='load in this process instead: flash run MODEL "prompt", or ft.load_model(...) in Python',
+    )
+
+
 # Modules that define commands; each exposes `register(app)`.
 _COMMAND_MODULES = (
     "flashtensors.cli.store_cmds",
@@ -71,18 +81,39 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # typer/click usage errors and explicit exits
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except Exception as exc:  # click raises its own exceptions in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        exits, usage, aborts = _click_exceptions()
+        if isinstance(exc, exits):
+            return int(getattr(exc, "exit_code", 0))
+        if isinstance(exc, usage):  # a usage error (unknown command or option, missing argument)
+            exc.show()  # type: ignore[attr-defined]
+            return int(getattr(exc, "exit_code", 2))
+        if isinstance(exc, aborts):
             print("aborted", file=sys.stderr)
             return 1
         raise
     return 0
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, usage/ClickException, abort) classes of the click typer runs on.
+
+    typer up to 0.2x runs on the ``click`` package; newer releases carry their own copy
+    (``typer._click``), whose exceptions are other classes. Both are looked for, so a usage error is one
+    message (and the command's help hint) with either, never a traceback.
+    """
+    exits: list[type] = []
+    usage: list[type] = []
+    aborts: list[type] = []
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for bucket, attr in ((exits, "Exit"), (usage, "ClickException"), (aborts, "Abort")):
+            cls = getattr(module, attr, None)
+            if isinstance(cls, type) and cls not in bucket:
+                bucket.append(cls)
+    return tuple(exits), tuple(usage), tuple(aborts)
 
 
 if __name__ == "__main__":
