@@ -53,6 +53,15 @@ def test_unknown_backend_lists_valid_ones(llama_dir: Path, no_pull: list[str]) -
     assert no_pull == []  # the typo is caught before anything is fetched
 
 
+def test_vllm_says_it_is_not_built_before_anything_is_pulled(no_pull: list[str]) -> None:
+    with pytest.raises(BackendError, match="vLLM backend .* is not built yet") as info:
+        ft.load_model(model_id="Qwen/Qwen3-0.6B", backend="vllm", dtype="bfloat16")
+    assert 'backend="transformers"' in info.value.hint
+    assert no_pull == []
+    with pytest.raises(BackendError, match="not built yet"):
+        ft.activate_vllm_integration()
+
+
 def test_registry_is_extensible(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
     seen: dict[str, Any] = {}

@@ -70,6 +70,7 @@ __all__ = [
     "Settings",
     "StoreError",
     "__version__",
+    "activate_vllm_integration",
     "configure",
     "get_settings",
     "iter_tensors",
@@ -84,6 +85,17 @@ __all__ = [
     "remove",
     "unpin",
 ]
+
+
+def activate_vllm_integration() -> None:
+    """Part of the promised API; the vLLM backend is not built yet.
+
+    Raises:
+        BackendError: always, with a hint to use ``backend="transformers"``.
+    """
+    from flashtensors.backends import vllm_not_built
+
+    raise vllm_not_built()
 
 
 def __getattr__(name: str) -> Any:

@@ -77,7 +77,8 @@ def load_model(
 
     Args:
         model_id: a store or hub id (``Qwen/Qwen3-0.6B``; pulled into the store if missing), or a folder.
-        backend: ``"transformers"`` (built in) or any registered backend (``"vllm"`` when installed).
+        backend: ``"transformers"`` (built in) or any registered backend. ``"vllm"`` is not built yet:
+            it raises :class:`BackendError` before anything is pulled.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``, or ``"auto"`` for the checkpoint's dtype.
         device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``; None picks ``"cuda"`` when there is one.
         **kwargs: passed to the backend (transformers: ``trust_remote_code``, ``read_path``, ``warmup``).

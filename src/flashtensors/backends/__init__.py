@@ -58,6 +58,16 @@ _REGISTRY: dict[str, type[Backend] | str] = {
 _lock = threading.Lock()
 
 
+def vllm_not_built() -> BackendError:
+    """The error for the vLLM backend. It is part of the promise (``ft.activate_vllm_integration()``,
+    ``backend="vllm"``) but not built: asking for it says so, rather than that the name is unknown."""
+    return BackendError(
+        "the vLLM backend (and ft.activate_vllm_integration) is not built yet",
+        hint='load with backend="transformers" (the default; CLI: --backend transformers), which reads the '
+        "weights with the same engine",
+    )
+
+
 def register_backend(name: str, backend: type[Backend] | str | None = None) -> Any:
     """Register a backend class under ``name`` (replacing any earlier one of that name).
 
@@ -102,6 +112,8 @@ def get_backend(name: str) -> Backend:
     """
     with _lock:
         entry = _REGISTRY.get(name)
+    if entry is None and name == "vllm":
+        raise vllm_not_built()
     if entry is None:
         valid = ", ".join(backend_names())
         raise BackendError(
