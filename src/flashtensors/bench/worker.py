@@ -201,15 +201,15 @@ def run_prime(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
-    from flashtensors.backends.transformers_backend import auto_class_for
+    from flashtensors.backends.transformers_backend import auto_class_for, parse_dtype
     from flashtensors.backends.warmup import warm_up
 
     device = spec["device"]
     _init_device(device)
     config = transformers.AutoConfig.from_pretrained(spec["directory"], local_files_only=True)
-    dtype = getattr(config, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
-    seconds = warm_up(auto_class_for(config), config, dtype, torch.device(device))
+    dtype = getattr(config, "dtype", None)  # what both loaders run in (dtype="auto" in _e2e)
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    seconds = warm_up(auto_class_for(config), config, dtype or torch.bfloat16, torch.device(device))
     if seconds is None:
         raise RuntimeError("the model's small copy could not run (see the worker's log)")
     return {"seconds": seconds}
