@@ -220,8 +220,8 @@ def load_transformers_model(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-load") as pool:
         # pin_cache=False: files in the page cache go through the staging ring, not pinned in place.
         # Unpinning 16 GB afterwards holds the driver's lock for ~0.1 s, which the first generate would
-        # wait out. Measured on the H100 machine (8B shape, warm, two leases), load + first token took
-        # 1.11 and 1.40 s (medians) this way, against 1.21 and 1.70 s with the cache pinned.
+        # wait out. Measured on the H100 machine (8B shape, warm, three leases), load + first token took
+        # 1.40, 1.11 and 1.24 s (medians) this way, against 1.70, 1.21 and 1.28 s with the cache pinned.
         pending = pool.submit(engine.load, model_dir, device=dev, read_path=read_path, pin_cache=False)
         config = _read_config(model_dir, trust_remote_code)
         layout = read_layout(model_dir)

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(exit, usage/ClickException, abort) classes of the click typer runs on.
 
-    typer up to 0.2x runs on the ``click`` package; newer releases carry their own copy
+    Older typer releases run on the ``click`` package; newer ones (0.29 here) carry their own copy
     (``typer._click``), whose exceptions are other classes. Both are looked for, so a usage error is one
     message (and the command's help hint) with either, never a traceback.
     """
