@@ -389,6 +389,10 @@ def test_e2e_on_cpu_is_primed_once_then_timed_per_loader(ckpt_dir: Path) -> None
         assert r["checksums"] == ckpt.reference, r["loader"]
         assert r["generated_tokens"] == 1
         assert r["seconds"] == pytest.approx(r["load_seconds"] + r["first_token_seconds"])
+    ours = next(r for r in runs if r["loader"] == "flashtensors")
+    assert sorted(ours["read_paths"]) == sorted(f.name for f in ckpt.files)
+    assert set(ours["read_paths"].values()) == {"buffered"}  # cached files, on a CPU
+    assert "read_paths" not in next(r for r in runs if r["loader"] == "transformers")
     from flashtensors.bench.report import format_header
 
     header = format_header(report).splitlines()
