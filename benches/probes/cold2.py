@@ -1,5 +1,8 @@
 """Cold loads in rotation, each a fresh process: ft variants (FLASH_* env) and peers.
-python cold2.py DIR REPS [NAME,NAME...]  (default: every variant below)"""
+python cold2.py DIR REPS [NAME,NAME...]  (default: every variant below)
+e.g. the reader count (perf-notes Open 1):
+python cold2.py /root/qwen3-0.6b 3 "ft direct 1t16M,ft direct 4t16M,ft direct 8t16M,ft direct 16t16M,fastsafetensors,raw O_DIRECT 1t,raw O_DIRECT 8t,raw O_DIRECT 16t"
+"""
 import json, os, subprocess, sys, time, statistics
 sys.path.insert(0, "src")
 from flashtensors.bench.cache import drop_cache, chunks, parallel_read
@@ -15,9 +18,14 @@ configs = {
     "ft direct 16t64M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="16", FLASH_CHUNK_SIZE="64M", FLASH_RING_SIZE="1G")),
     "ft direct 16t16M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="16", FLASH_RING_SIZE="512M")),
     "ft direct 32t8M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="32", FLASH_CHUNK_SIZE="8M", FLASH_RING_SIZE="512M")),
+    "ft direct 1t16M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="1")),
+    "ft direct 2t16M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="2")),
+    "ft direct 4t16M": ("ft", dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS="4")),
     "fastsafetensors": ("fastsafetensors", {}),
     "runai": ("runai", {}),
-    "raw O_DIRECT 8t": ("raw", {}),
+    "raw O_DIRECT 1t": ("raw1", {}),
+    "raw O_DIRECT 4t": ("raw4", {}),
+    "raw O_DIRECT 8t": ("raw8", {}),
     "raw O_DIRECT 16t": ("raw16", {}),
 }
 if len(sys.argv) > 3:
@@ -50,7 +58,7 @@ for rep in range(reps):
         kind, env = configs[name]
         drop_cache(files, "drop_caches")
         if kind.startswith("raw"):
-            n = 16 if kind == "raw16" else 8
+            n = int(kind[3:])
             s = time.perf_counter(); parallel_read(chunks(files), n, direct=True); el = time.perf_counter() - s
         else:
             p = subprocess.run([sys.executable, "-c", CHILD, kind, D], env={**os.environ, **env}, capture_output=True, text=True)
