@@ -18,11 +18,10 @@ from flashtensors.bench import worker
 from flashtensors.bench.cache import chunks, drop_cache, parallel_read, timed_parallel_read, warm_cache
 from flashtensors.bench.checksum import compare_checksums, digests, tensor_digest
 from flashtensors.bench.limits import limit_for
-from flashtensors.bench.report import format_table, summarize
+from flashtensors.bench.report import failures, format_table, summarize
 from flashtensors.bench.runner import (
     DISK,
     RunOptions,
-    failures,
     judge_run,
     resolve_checkpoint,
     rotation,

@@ -220,3 +220,12 @@ def write_json(path: str | Path, report: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """One line per run whose bytes differ from the checkpoint's (empty: every check passed)."""
+    return [
+        f"{r['loader']} {r['scenario']} #{r['repeat'] + 1}: " + "; ".join(r["mismatches"])
+        for r in report["runs"]
+        if r.get("status") == "FAIL"
+    ]

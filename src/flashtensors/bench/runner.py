@@ -386,25 +386,3 @@ def _progress_line(done: int, total: int, record: dict[str, Any], nbytes: int) -
     if record["status"] == "FAIL":
         line += "  CHECKSUM MISMATCH: " + "; ".join(record["mismatches"])
     return line + f"  [wall {record['wall_seconds']:.2f} s]"
-
-
-def failures(report: dict[str, Any]) -> list[str]:
-    """One line per run whose bytes differ from the checkpoint's (empty: every check passed)."""
-    return [
-        f"{r['loader']} {r['scenario']} #{r['repeat'] + 1}: " + "; ".join(r["mismatches"])
-        for r in report["runs"]
-        if r.get("status") == "FAIL"
-    ]
-
-
-def parse_list(text: str, known: Sequence[str], what: str) -> list[str]:
-    """Split a comma list (``all`` = every known name)."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if items == ["all"]:
-        return list(known)
-    bad = [t for t in items if t not in known]
-    if bad:
-        raise ConfigError(
-            f"unknown {what} {', '.join(bad)}; known: {', '.join(known)}", hint="run `flash bench run --help`"
-        )
-    return items

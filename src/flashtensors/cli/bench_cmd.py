@@ -5,12 +5,14 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flashtensors.config import _parse_size
+from flashtensors.errors import ConfigError
 
 bench_app = typer.Typer(
     name="bench",
@@ -23,6 +25,19 @@ _Dim = Annotated[int | None, typer.Option(help="override the shape's value", sho
 
 def _err(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def parse_list(text: str, known: Sequence[str], what: str) -> list[str]:
+    """Split a comma list (``all`` = every known name)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if items == ["all"]:
+        return list(known)
+    bad = [t for t in items if t not in known]
+    if bad:
+        raise ConfigError(
+            f"unknown {what} {', '.join(bad)}; known: {', '.join(known)}", hint="run `flash bench run --help`"
+        )
+    return items
 
 
 @bench_app.command("make")
@@ -144,15 +159,8 @@ def run_cmd(
     If a loader returns bytes that differ from the files, its run is marked FAIL and the exit status is 1.
     """
     from flashtensors.bench.loaders import LOADERS
-    from flashtensors.bench.report import format_header, format_table, summarize, write_json
-    from flashtensors.bench.runner import (
-        SCENARIOS,
-        RunOptions,
-        failures,
-        parse_list,
-        resolve_checkpoint,
-        run_bench,
-    )
+    from flashtensors.bench.report import failures, format_header, format_table, summarize, write_json
+    from flashtensors.bench.runner import SCENARIOS, RunOptions, resolve_checkpoint, run_bench
     from flashtensors.errors import IntegrityError
 
     options = RunOptions(
