@@ -37,11 +37,16 @@ def take_details() -> dict[str, Any]:
     return out
 
 
+def read_paths(paths: Mapping[str, str]) -> dict[str, str]:
+    """The engine's per-file read paths (``stats.paths``) as a run records them: file name -> path."""
+    return {Path(path).name: mode for path, mode in paths.items()}
+
+
 def _flashtensors(target: Target, device: str) -> Mapping[str, Any]:
     from flashtensors.engine.api import load
 
     result = load(str(target.directory), device=device)
-    _details["read_paths"] = {Path(path).name: mode for path, mode in result.stats.paths.items()}
+    _details["read_paths"] = read_paths(result.stats.paths)
     return result.tensors
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from flashtensors.bench.cache import drop_cache, warm_cache
 from flashtensors.bench.checksum import digests
 from flashtensors.bench.limits import disk_read, machine_info, measure_limits
-from flashtensors.bench.loaders import LOADERS, Target, import_loader, resident, take_details
+from flashtensors.bench.loaders import LOADERS, Target, import_loader, read_paths, resident, take_details
 
 RESULT_PREFIX = "FLASHBENCH-RESULT "
 PROMPT = "The quick brown fox"
@@ -111,6 +111,7 @@ def _e2e(spec: dict[str, Any], target: Target) -> tuple[dict[str, Any], Any]:
     import torch
 
     loader, device = spec["loader"], spec["device"]
+    details: dict[str, Any] = {}
     t0 = time.perf_counter()
     if loader == "transformers":
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,15 +138,9 @@ def _e2e(spec: dict[str, Any], target: Target) -> tuple[dict[str, Any], Any]:
         t1 = time.perf_counter()
         tokens = len(outputs[0].outputs[0].token_ids)
         state = llm.model.state_dict()
-        paths = {Path(path).name: mode for path, mode in llm.load_stats.paths.items()}
-    figures: dict[str, Any] = {
-        "seconds": t1 - t0,
-        "load_seconds": t_load - t0,
-        "first_token_seconds": t1 - t_load,
-    }
-    if loader != "transformers":
-        figures["read_paths"] = paths  # as the other scenarios report them: which path each file took
-    return dict(figures, generated_tokens=tokens), state
+        details["read_paths"] = read_paths(llm.load_stats.paths)  # as in flashtensors' other runs
+    figures = {"seconds": t1 - t0, "load_seconds": t_load - t0, "first_token_seconds": t1 - t_load}
+    return dict(figures, generated_tokens=tokens, **details), state
 
 
 def run_load(spec: dict[str, Any]) -> dict[str, Any]:
