@@ -203,15 +203,16 @@ def run_prime(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
-    from flashtensors.backends.transformers_backend import auto_class_for, parse_dtype
+    from flashtensors.backends.placement import read_layout
+    from flashtensors.backends.transformers_backend import _resolve_dtype, auto_class_for
     from flashtensors.backends.warmup import warm_up
 
     device = spec["device"]
     _init_device(device)
     config = transformers.AutoConfig.from_pretrained(spec["directory"], local_files_only=True)
-    dtype = getattr(config, "dtype", None)  # what both loaders run in (dtype="auto" in _e2e)
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    seconds = warm_up(auto_class_for(config), config, dtype or torch.bfloat16, torch.device(device))
+    # The dtype both loaders run in (dtype="auto" in _e2e), by load_model's own rule.
+    dtype = _resolve_dtype(None, config, read_layout(Path(spec["directory"])))
+    seconds = warm_up(auto_class_for(config), config, dtype, torch.device(device))
     if seconds is None:
         raise RuntimeError("the model's small copy could not run (see the worker's log)")
     return {"seconds": seconds}
