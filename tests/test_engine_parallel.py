@@ -53,3 +53,42 @@ def test_meanwhile_errors_propagate_once_the_jobs_are_done() -> None:
     with pytest.raises(RuntimeError, match="no streams"):
         _run_parallel(lambda j: done.append(j.file_offset), _jobs(5), 2, meanwhile=side)
     assert sorted(done) == list(range(5))
+
+
+def test_every_reader_is_started_before_the_first_job() -> None:
+    """Readers start gated: a thread started while others already read waits for the GIL (tens of ms)."""
+    alive_at_first_job: list[int] = []
+    lock = threading.Lock()
+
+    def job(j: _Job) -> None:
+        with lock:
+            if not alive_at_first_job:
+                alive_at_first_job.append(
+                    sum(t.name.startswith("flash-read-") for t in threading.enumerate())
+                )
+
+    _run_parallel(job, _jobs(20), 4)
+    assert alive_at_first_job == [4]
+    assert not [t for t in threading.enumerate() if t.name.startswith("flash-read-")]
+
+
+def test_a_thread_that_cannot_start_leaves_no_worker_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashtensors.engine import readers
+
+    started = 0
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        nonlocal started
+        if started == 2:
+            raise RuntimeError("can't start new thread")
+        started += 1
+        real_start(self)
+
+    ran: list[int] = []
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        readers._run_parallel(lambda j: ran.append(j.file_offset), _jobs(6), 4)
+    monkeypatch.undo()
+    assert ran == []  # the two started threads ended without taking a job
+    assert not [t for t in threading.enumerate() if t.name.startswith("flash-read-")]

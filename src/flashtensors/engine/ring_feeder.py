@@ -6,14 +6,13 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import Slot, StagingRing, shrank
+from flashtensors.engine.readers import Slot, StagingRing, shrank, start_gated
 from flashtensors.engine.streams import pooled_stream
 from flashtensors.engine.sysio import buffer_at, pread_full
 
@@ -59,12 +58,11 @@ class RingFeeder:
                 self._free.put(slot)
             self._fds = [os.open(r.path, os.O_RDONLY) for r in regions]
             count = max(1, min(threads, len(ring.slots) - 1))
-            self._threads = [
-                threading.Thread(target=self._read, name=f"flash-ring-{i}", daemon=True) for i in range(count)
-            ]
+            # All started before any reads: a thread started while others read waits for the GIL
+            # (8 readers took 53-122 ms to start one by one on the CPU machine, 21-65 ms on the H100's).
+            self._threads, go = start_gated(count, self._read, "flash-ring")
             self._running = len(self._threads)
-            for t in self._threads:
-                t.start()
+            go.set()
         except BaseException:
             self._close()
             raise
