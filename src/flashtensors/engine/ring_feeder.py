@@ -13,7 +13,7 @@ import torch
 
 from flashtensors.engine.plan import FileRegion
 from flashtensors.engine.readers import Slot, StagingRing, shrank, start_gated
-from flashtensors.engine.streams import pooled_stream
+from flashtensors.engine.streams import own_side_stream, pooled_stream
 from flashtensors.engine.sysio import buffer_at, pread_full
 
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
@@ -124,7 +124,7 @@ class RingFeeder:
         if slot.tensor is None:
             slot.tensor = self.ring.buffer.prepare(slot.offset)
         if self._stream is None:
-            self._stream = pooled_stream(self.arena.device)
+            self._stream = pooled_stream(self.arena.device, avoid=own_side_stream(self.arena.device))
             self._stream.wait_stream(torch.cuda.current_stream(self.arena.device))
         region = self.regions[i]
         dst = region.arena_offset + offset - region.file_start

@@ -17,17 +17,29 @@ _pool_turn: dict[torch.device, int] = {}
 _pool_lock = threading.Lock()
 
 
-def pooled_stream(device: torch.device) -> torch.cuda.Stream:
+def pooled_stream(device: torch.device, avoid: torch.cuda.Stream | None = None) -> torch.cuda.Stream:
     """One of at most ``_STREAMS_PER_DEVICE`` streams of ours per device, handed out in turn; a new one
     is made when every stream made so far was handed out once (reader threads come and go with each
-    load; the streams stay)."""
+    load; the streams stay). Never ``avoid`` while the pool has another: the warm split's ring must not
+    queue its copies behind the pinning thread's own (once the pool is full, its turn came 1 time in 16).
+    """
     with _pool_lock:
         streams = _pool.setdefault(device, [])
-        turn = _pool_turn.get(device, 0)
-        _pool_turn[device] = turn + 1
-        if turn >= len(streams) and len(streams) < _STREAMS_PER_DEVICE:
-            streams.append(devices.new_stream(device))
-        return streams[turn % len(streams)]
+        for _ in range(2):  # the next turn is another stream, or a new one (the pool holds 2 or more)
+            turn = _pool_turn.get(device, 0)
+            _pool_turn[device] = turn + 1
+            if turn >= len(streams) and len(streams) < _STREAMS_PER_DEVICE:
+                streams.append(devices.new_stream(device))
+            stream = streams[turn % len(streams)]
+            if stream is not avoid:
+                break
+        return stream
+
+
+def own_side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """This thread's side stream on ``device`` (:func:`side_stream`), or None before it has one."""
+    cache = getattr(_streams, "by_device", None)
+    return None if cache is None else cache.get(device)
 
 
 def make_streams(device: torch.device, count: int) -> None:
