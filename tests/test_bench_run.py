@@ -266,6 +266,36 @@ def test_summary_medians_ratios_and_speedups() -> None:
     assert md[0].startswith("| scenario | loader |") and "| 1.60x |" in md[3]
 
 
+def test_summary_of_the_reads_window() -> None:
+    """Our runs' reads apart from what surrounds them: the rate between first and last read, and the
+    time before and after (medians); a loader whose runs carry no window gets no such note."""
+
+    def run(loader: str, seconds: float, reads: list[float] | None) -> dict[str, Any]:
+        out = {"loader": loader, "scenario": "cold", "seconds": seconds, "status": "ok"}
+        return out | ({"reads": reads} if reads else {})
+
+    report = {
+        "checkpoint": {"bytes": 2_000_000_000},
+        "options": {"device": "cuda"},
+        "limits": {"disk": {"gbps": 2.5}},
+        "runs": [
+            run("flashtensors", 1.05, [0.02, 1.02]),  # 2.0 GB/s; 20 ms before, 30 after
+            run("flashtensors", 1.30, [0.05, 1.30]),  # 1.6; 50, 0
+            run("flashtensors", 0.90, [0.01, 0.81]),  # 2.5; 10, 90
+            run("fastsafetensors", 1.0, None),
+        ],
+    }
+    rows = {r["loader"]: r for r in summarize(report)}
+    ft = rows["flashtensors"]
+    assert ft["reads_gbps"] == pytest.approx(2.0)
+    assert ft["before_reads_seconds"] == pytest.approx(0.02)
+    assert ft["after_reads_seconds"] == pytest.approx(0.03)
+    assert ft["note"] == (
+        "reads alone 2.00 GB/s (80% of limit), 20 ms before the first, 30 ms after the last (medians)"
+    )
+    assert "reads_gbps" not in rows["fastsafetensors"] and "note" not in rows["fastsafetensors"]
+
+
 def test_cache_helpers(ckpt_dir: Path) -> None:
     files = sorted(ckpt_dir.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
@@ -307,8 +337,10 @@ def test_flashtensors_runs_record_the_read_path_of_each_file(ckpt_dir: Path, sce
     assert set(record["read_paths"].values()) <= {"direct", "buffered"}  # the CPU paths
     if scenario != "cold":  # in the page cache: a memcpy, whatever residency the cold drop left
         assert set(record["read_paths"].values()) == {"buffered"}
+    began, ended = record["reads"]  # the CPU paths read files: when those reads ran
+    assert 0 <= began <= ended <= record["seconds"]
     peer = worker.run_load(_spec(ckpt_dir, "safetensors", scenario))
-    assert "read_paths" not in peer
+    assert "read_paths" not in peer and "reads" not in peer
 
 
 @pytest.mark.parametrize("fill", ["keep", "fresh"])

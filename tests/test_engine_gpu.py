@@ -115,6 +115,20 @@ def test_stats(ring_file: Path) -> None:
 
 
 @pytest.mark.parametrize("read_path", PATHS)
+def test_stats_hold_the_reads_window(ring_file: Path, read_path: str) -> None:
+    """The paths that read files (the ring's) time their reads; the page cache pinned in place reads
+    nothing. With "auto" the file was just written, so it is cached: pinned in place."""
+    result = load(ring_file, device=DEV, read_path=read_path)
+    assert_same(result.tensors, reference_load(ring_file), device=DEV)
+    if read_path in ("buffered", "direct"):
+        assert result.stats.reads is not None
+        first, last = result.stats.reads
+        assert 0 <= first <= last <= result.stats.seconds
+    elif set(result.stats.paths.values()) == {"pinned-mmap"}:
+        assert result.stats.reads is None
+
+
+@pytest.mark.parametrize("read_path", PATHS)
 def test_two_loads_are_independent(ring_file: Path, read_path: str) -> None:
     first = load_state_dict(ring_file, device=DEV, read_path=read_path)
     second = load_state_dict(ring_file, device=DEV, read_path=read_path)

@@ -163,3 +163,32 @@ def test_auto_choice_for_a_gpu(ring_file: Path, pin_cache: bool) -> None:
         pytest.skip("this filesystem keeps the pages (cannot make a file cold here)")
     assert _choose(region, gpu, "auto", settings, pin_cache) == "direct"
     assert _choose(region, torch.device("cpu"), "auto", settings, pin_cache) == "direct"
+
+
+@pytest.mark.parametrize("read_path", ["buffered", "direct"])
+def test_stats_hold_the_reads_window(
+    ring_file: Path, small_ring: None, monkeypatch: pytest.MonkeyPatch, read_path: str
+) -> None:
+    """``stats.reads`` spans every file read: it starts no later than the first, ends no earlier than the
+    last, and lies within the load."""
+    import time
+
+    from flashtensors.engine import readers
+
+    spans: list[tuple[float, float]] = []
+    real = readers.pread_full
+
+    def timed(fd: int, view: memoryview, offset: int) -> int:
+        began = time.perf_counter()
+        got = real(fd, view, offset)
+        spans.append((began, time.perf_counter()))
+        return got
+
+    monkeypatch.setattr(readers, "pread_full", timed)
+    result = load(ring_file, read_path=read_path)
+    assert_same(result.tensors, reference_load(ring_file))
+    assert len(spans) > 4  # the small ring reads this file in many chunks
+    assert result.stats.reads is not None
+    first, last = result.stats.reads
+    assert 0 <= first <= last <= result.stats.seconds
+    assert last - first >= max(e for _, e in spans) - min(b for b, _ in spans)

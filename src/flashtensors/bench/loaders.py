@@ -31,7 +31,8 @@ _details: dict[str, Any] = {}
 
 def take_details() -> dict[str, Any]:
     """What the last load said about itself, then forget it. flashtensors reports the read path each
-    file took (``read_paths``: file name -> path); the peers report nothing."""
+    file took (``read_paths``: file name -> path) and, where it read files, when its reads ran
+    (``reads``); the peers report nothing."""
     out = dict(_details)
     _details.clear()
     return out
@@ -47,6 +48,8 @@ def _flashtensors(target: Target, device: str) -> Mapping[str, Any]:
 
     result = load(str(target.directory), device=device)
     _details["read_paths"] = read_paths(result.stats.paths)
+    if result.stats.reads is not None:  # seconds after the load began: first read's start, last one's end
+        _details["reads"] = [round(t, 6) for t in result.stats.reads]
     return result.tensors
 
 

@@ -53,6 +53,9 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
             start = limits.get("disk", {}).get("gbps") if limit_name == "disk_interleaved" else None
             if start:  # the start-of-run figure too, so both ratios are in the JSON
                 row.update(start_limit_gbps=start, start_ratio=row["gbps"] / start)
+            read = [r for r in runs if r.get("status") in ("ok", "FAIL") and r.get("reads")]
+            if read and len(read) == len(timed):  # flashtensors: its reads apart from what surrounds them
+                notes.add(_reads_note(row, read, nbytes))
             if scenario == "e2e":
                 ok = [r for r in runs if "first_token_seconds" in r]
                 row["load_seconds"] = statistics.median(r["load_seconds"] for r in ok)
@@ -72,6 +75,20 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
         for s in report.get("skipped", [])
     ]
     return rows
+
+
+def _reads_note(row: dict[str, Any], runs: list[dict[str, Any]], nbytes: int) -> str:
+    """Median read rate between a run's first and last file read, and the time outside them; into ``row``
+    too. (The checkpoint's bytes over the window: the reads also take the headers and alignment.)"""
+    spans = [max(r["reads"][1] - r["reads"][0], 1e-9) for r in runs]
+    row["reads_gbps"] = statistics.median(nbytes / span / 1e9 for span in spans)
+    row["before_reads_seconds"] = statistics.median(r["reads"][0] for r in runs)
+    row["after_reads_seconds"] = statistics.median(r["seconds"] - r["reads"][1] for r in runs)
+    of = f" ({100 * row['reads_gbps'] / row['limit_gbps']:.0f}% of limit)" if row.get("limit_gbps") else ""
+    return (
+        f"reads alone {row['reads_gbps']:.2f} GB/s{of}, {1e3 * row['before_reads_seconds']:.0f} ms before "
+        f"the first, {1e3 * row['after_reads_seconds']:.0f} ms after the last (medians)"
+    )
 
 
 def _first_error(runs: list[dict[str, Any]]) -> str:

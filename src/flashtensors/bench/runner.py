@@ -382,7 +382,11 @@ def _progress_line(done: int, total: int, record: dict[str, Any], nbytes: int) -
     if "loader" not in record:
         line += f"  ({record['threads']} threads, {record['method']})"
     if record.get("read_paths"):  # flashtensors: which read path its files took
-        line += "  (" + ", ".join(sorted(set(record["read_paths"].values()))) + ")"
+        line += "  (" + ", ".join(sorted(set(record["read_paths"].values())))
+        if record.get("reads"):
+            began, ended = record["reads"]
+            line += f"; reads {1e3 * began:.0f}-{1e3 * ended:.0f} ms"
+        line += ")"
     if record["status"] == "FAIL":
         line += "  CHECKSUM MISMATCH: " + "; ".join(record["mismatches"])
     return line + f"  [wall {record['wall_seconds']:.2f} s]"

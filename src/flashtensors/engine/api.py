@@ -34,6 +34,9 @@ class LoadStats:
     seconds: float = 0.0
     device: str = "cpu"
     paths: dict[str, str] = field(default_factory=dict)
+    # When the file reads ran, in seconds after the load began: (first read's start, last read's end).
+    # None when no file was read with read() (the pinned paths DMA from pinned memory).
+    reads: tuple[float, float] | None = None
 
     @property
     def gbps(self) -> float:
@@ -84,6 +87,7 @@ def _read(
     settings: Settings,
     while_copying: Callable[[], None] | None = None,
     pin_cache: bool = True,
+    window: readers.ReadWindow | None = None,
 ) -> dict[str, str]:
     chosen: dict[str, list[FileRegion]] = {}
     held: list[pinned.PinnedFile] = []  # files of the RAM tier this load reads, held until it is done
@@ -101,14 +105,15 @@ def _read(
         used: dict[str, str] = {}
         for path, regions in chosen.items():
             if device.type == "cpu":
-                modes = readers.read_into_host(regions, arena, settings, direct=path == "direct")
+                modes = readers.read_into_host(regions, arena, settings, path == "direct", window)
             elif path == "pinned":
                 readers.read_pinned(regions, arena, held, once)
                 modes = ["pinned"] * len(regions)
             elif path == "pinned-mmap":
                 modes = pinned_mmap.read_pinned_mmap(regions, arena, settings, once)
             else:
-                modes = readers.read_through_ring(regions, arena, settings, direct=path == "direct")
+                direct = path == "direct"
+                modes = readers.read_through_ring(regions, arena, settings, direct, window, once)
             used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
         return used
     finally:
@@ -178,7 +183,12 @@ def load(
     plan = make_plan(resolve_files(checkpoint), GPU_TENSOR_ALIGN if dev.type == "cuda" else 0)
     arena = devices.allocate_arena(plan.arena_size, dev)
     tensors: dict[str, torch.Tensor] = {}
-    paths = _read(plan, arena, dev, forced, settings, lambda: tensors.update(_views(plan, arena)), pin_cache)
+    window = readers.ReadWindow()
+
+    def views() -> None:
+        tensors.update(_views(plan, arena))
+
+    paths = _read(plan, arena, dev, forced, settings, views, pin_cache, window)
     if not tensors:  # no pinned copy to overlap the views with
         tensors = _views(plan, arena)
     _relocate(plan, arena)
@@ -187,7 +197,10 @@ def load(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
-    return LoadResult(tensors, LoadStats(plan.file_bytes, seconds, str(dev), paths))
+    reads = None
+    if window.first is not None and window.last is not None:
+        reads = (window.first - start, window.last - start)
+    return LoadResult(tensors, LoadStats(plan.file_bytes, seconds, str(dev), paths, reads))
 
 
 def load_state_dict(

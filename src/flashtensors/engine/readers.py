@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,31 @@ class _Job:
     length: int  # bytes to request (aligned for O_DIRECT)
     useful: int  # bytes of the file within the request
     arena_offset: int
+
+
+class ReadWindow:
+    """When a load's file reads ran: the first one's start and the last one's end (``perf_counter``).
+
+    A cold load's time is its reads plus what comes before the first and after the last (planning,
+    allocation, the last copies, the tensor views); the window tells the two apart. The direct and
+    buffered paths note every read; pinned and pinned-mmap (DMA from pinned memory) note none.
+    """
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self._lock = threading.Lock()
+
+    def read(self, fd: int, view: memoryview, offset: int) -> int:
+        """``pread_full``, noted in the window."""
+        began = time.perf_counter()
+        try:
+            return pread_full(fd, view, offset)
+        finally:
+            ended = time.perf_counter()
+            with self._lock:
+                self.first = began if self.first is None else min(self.first, began)
+                self.last = ended if self.last is None else max(self.last, ended)
 
 
 def _jobs(region: FileRegion, fd: int, chunk: int, aligned: bool) -> list[_Job]:
@@ -139,12 +165,18 @@ class _DirectRefused(Exception):
 
 
 def read_into_host(
-    regions: list[FileRegion], arena: torch.Tensor, settings: Settings, direct: bool
+    regions: list[FileRegion],
+    arena: torch.Tensor,
+    settings: Settings,
+    direct: bool,
+    window: ReadWindow | None = None,
 ) -> list[str]:
     """Fill CPU arena regions with positional reads by ``cpu_threads`` (or ``io_threads``) threads.
 
     Returns the path actually used for each region ("direct", or "buffered" where O_DIRECT is refused).
+    Every read is noted in ``window``.
     """
+    read = (window or ReadWindow()).read
     base = arena.data_ptr()
     used: list[str] = []
     for region in regions:
@@ -157,7 +189,7 @@ def read_into_host(
             def work(job: _Job, mode: str = mode, region: FileRegion = region) -> None:
                 view = buffer_at(base + job.arena_offset, job.length)
                 try:
-                    got = pread_full(job.fd, view, job.file_offset)
+                    got = read(job.fd, view, job.file_offset)
                 except OSError as exc:
                     if mode == "direct" and exc.errno == 22:
                         raise _DirectRefused() from exc
@@ -232,20 +264,33 @@ def staging_ring(settings: Settings) -> StagingRing:
 
 
 def read_through_ring(
-    regions: list[FileRegion], arena: torch.Tensor, settings: Settings, direct: bool
+    regions: list[FileRegion],
+    arena: torch.Tensor,
+    settings: Settings,
+    direct: bool,
+    window: ReadWindow | None = None,
+    while_reading: Callable[[], None] | None = None,
 ) -> list[str]:
     """Fill GPU arena regions: threads read chunks into pinned slots, each slot is DMAed as soon as full.
 
     A slot is reused only after the event recorded behind its copy has completed, so a reused staging
-    buffer can never leak into a tensor. Reads of chunk k+1 overlap the copy of chunk k.
+    buffer can never leak into a tensor. Reads of chunk k+1 overlap the copy of chunk k. Every read is
+    noted in ``window``. ``while_reading`` runs on the calling thread while the readers work (the load
+    builds its tensor views there).
     """
     ring = staging_ring(settings)
     with ring.lock:
-        return _ring_read(ring, regions, arena, settings, direct)
+        return _ring_read(ring, regions, arena, settings, direct, window or ReadWindow(), while_reading)
 
 
 def _ring_read(
-    ring: StagingRing, regions: list[FileRegion], arena: torch.Tensor, settings: Settings, direct: bool
+    ring: StagingRing,
+    regions: list[FileRegion],
+    arena: torch.Tensor,
+    settings: Settings,
+    direct: bool,
+    window: ReadWindow,
+    while_reading: Callable[[], None] | None = None,
 ) -> list[str]:
     free: queue.Queue[Slot] = queue.Queue()
     for slot in ring.slots:
@@ -273,7 +318,7 @@ def _ring_read(
                     slot.event.synchronize()
                 view = buffer_at(ring.buffer.address + slot.offset, job.length)
                 try:
-                    got = pread_full(job.fd, view, job.file_offset)
+                    got = window.read(job.fd, view, job.file_offset)
                 except OSError as exc:
                     if exc.errno != 22:
                         raise
@@ -281,7 +326,7 @@ def _ring_read(
                         extra = fallback[job.fd]
                         if extra is None:
                             extra = fallback[job.fd] = os.open(paths[job.fd], os.O_RDONLY)
-                    got = pread_full(extra, view[: job.useful], job.file_offset)
+                    got = window.read(extra, view[: job.useful], job.file_offset)
                 if got < job.useful:
                     raise shrank(paths[job.fd])
                 # Pinning, the tensor and the stream are needed only now, so a new thread's first read
@@ -303,7 +348,13 @@ def _ring_read(
         caller = torch.cuda.current_stream(device)
         threads = max(1, min(threads, len(ring.slots) - 1))
         with torch.cuda.device(device):
-            _run_parallel(work, jobs, threads, meanwhile=lambda: prime_copies(device, threads))
+
+            def meanwhile() -> None:
+                prime_copies(device, threads)
+                if while_reading is not None:
+                    while_reading()
+
+            _run_parallel(work, jobs, threads, meanwhile)
             for slot in ring.slots:
                 if slot.event is not None:
                     slot.event.synchronize()
