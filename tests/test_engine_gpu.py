@@ -257,7 +257,8 @@ def _ring_claims_first(monkeypatch: pytest.MonkeyPatch, any_size: bool = True) -
         monkeypatch.setattr(pinned_mmap, "RING_MIN_BYTES", 0)
 
     claimed = threading.Event()
-    back, register = pinned_mmap._Split.back, devices.host_register
+    warm = threading.Event()  # a warm load is running (a cold one pins ring slots on this thread too)
+    back, register, read_warm = pinned_mmap._Split.back, devices.host_register, pinned_mmap.read_pinned_mmap
 
     def claim(self: object, want: int) -> object:
         got = back(self, want)  # type: ignore[arg-type]
@@ -266,12 +267,20 @@ def _ring_claims_first(monkeypatch: pytest.MonkeyPatch, any_size: bool = True) -
 
     def host_register(address: int, nbytes: int) -> None:
         ring_reading = any(t.name.startswith("flash-ring") for t in threading.enumerate())
-        if threading.current_thread() is threading.main_thread() and ring_reading:
+        if threading.current_thread() is threading.main_thread() and ring_reading and warm.is_set():
             assert claimed.wait(30), "the ring's readers never claimed a chunk"
         register(address, nbytes)
 
+    def read_pinned_mmap(*args: object, **kwargs: object) -> object:
+        warm.set()
+        try:
+            return read_warm(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            warm.clear()
+
     monkeypatch.setattr(pinned_mmap._Split, "back", claim)
     monkeypatch.setattr(devices, "host_register", host_register)
+    monkeypatch.setattr(pinned_mmap, "read_pinned_mmap", read_pinned_mmap)
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from flashtensors.config import Settings, get_settings
-from flashtensors.engine import devices, pinned, pinned_mmap, readers
+from flashtensors.engine import devices, pinned, pinned_mmap, readers, ring_feeder
 from flashtensors.engine.plan import GPU_TENSOR_ALIGN, Checkpoint, FileRegion, Plan, make_plan, resolve_files
 from flashtensors.engine.sysio import residency
 from flashtensors.errors import ConfigError
@@ -112,8 +112,9 @@ def _read(
             elif path == "pinned-mmap":
                 modes = pinned_mmap.read_pinned_mmap(regions, arena, settings, once)
             else:
-                direct = path == "direct"
-                modes = readers.read_through_ring(regions, arena, settings, direct, window, once)
+                modes = ring_feeder.read_through_ring(
+                    regions, arena, settings, path == "direct", window, once
+                )
             used.update({str(r.path): m for r, m in zip(regions, modes, strict=True)})
         return used
     finally:

@@ -1,7 +1,7 @@
 """The read paths: each fills a file's region of the arena with the file's bytes.
 
 * ``buffered``: positional reads through the page cache by many threads — straight into the arena on
-  CPU, through the pinned staging ring for a GPU.
+  CPU, through the pinned staging ring for a GPU (:mod:`flashtensors.engine.ring_feeder`).
 * ``direct``: O_DIRECT reads of aligned supersets (no page-cache copy; what a cold file wants) — straight
   into the arena on CPU, through the pinned staging ring for a GPU.
 * ``pinned-mmap`` (GPU only, :mod:`flashtensors.engine.pinned_mmap`): map the file, pin the page cache
@@ -27,7 +27,7 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.streams import prime_copies, side_stream
+from flashtensors.engine.streams import side_stream
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 from flashtensors.errors import FormatError
 
@@ -223,8 +223,9 @@ class StagingRing:
     """Pinned host slots, allocated once per process and reused: pinning fresh memory is slow (1.4 GB/s).
 
     Reads go into a slot by address. A slot is pinned (and gets its tensor) only before its first copy,
-    by the reader thread that holds it (``buffer.prepare``): the first reads start without waiting for
-    the ring, and the first use of the torch code behind the tensors overlaps other threads' reads.
+    by the thread that queues the copies (``buffer.prepare``, in
+    :class:`flashtensors.engine.ring_feeder.RingFeeder`): the first reads start without waiting for the
+    ring.
     """
 
     slot_size: int
@@ -261,111 +262,6 @@ def staging_ring(settings: Settings) -> StagingRing:
             _rings.clear()  # settings changed: let the old ring go
             ring = _rings[key] = StagingRing.allocate(*key)
         return ring
-
-
-def read_through_ring(
-    regions: list[FileRegion],
-    arena: torch.Tensor,
-    settings: Settings,
-    direct: bool,
-    window: ReadWindow | None = None,
-    while_reading: Callable[[], None] | None = None,
-) -> list[str]:
-    """Fill GPU arena regions: threads read chunks into pinned slots, each slot is DMAed as soon as full.
-
-    A slot is reused only after the event recorded behind its copy has completed, so a reused staging
-    buffer can never leak into a tensor. Reads of chunk k+1 overlap the copy of chunk k. Every read is
-    noted in ``window``. ``while_reading`` runs on the calling thread while the readers work (the load
-    builds its tensor views there).
-    """
-    ring = staging_ring(settings)
-    with ring.lock:
-        return _ring_read(ring, regions, arena, settings, direct, window or ReadWindow(), while_reading)
-
-
-def _ring_read(
-    ring: StagingRing,
-    regions: list[FileRegion],
-    arena: torch.Tensor,
-    settings: Settings,
-    direct: bool,
-    window: ReadWindow,
-    while_reading: Callable[[], None] | None = None,
-) -> list[str]:
-    free: queue.Queue[Slot] = queue.Queue()
-    for slot in ring.slots:
-        free.put(slot)
-    device = arena.device
-    modes: list[str] = []
-    fds: list[int] = []
-    jobs: list[_Job] = []
-    try:
-        for region in regions:
-            fd = open_direct(region.path) if direct else None
-            modes.append("direct" if fd is not None else "buffered")
-            fds.append(fd if fd is not None else os.open(region.path, os.O_RDONLY))
-            jobs += _jobs(region, fds[-1], ring.slot_size, modes[-1] == "direct")
-        # Direct reads of a region whose O_DIRECT reads fail midway fall back per job (buffered pread).
-        fallback: dict[int, int | None] = {fd: None for fd in fds}
-        paths = {fd: r.path for fd, r in zip(fds, regions, strict=True)}
-        fallback_lock = threading.Lock()  # two threads may hit the same refusing file at once
-        local = threading.local()
-
-        def work(job: _Job) -> None:
-            slot = free.get()
-            try:
-                if slot.event is not None:
-                    slot.event.synchronize()
-                view = buffer_at(ring.buffer.address + slot.offset, job.length)
-                try:
-                    got = window.read(job.fd, view, job.file_offset)
-                except OSError as exc:
-                    if exc.errno != 22:
-                        raise
-                    with fallback_lock:
-                        extra = fallback[job.fd]
-                        if extra is None:
-                            extra = fallback[job.fd] = os.open(paths[job.fd], os.O_RDONLY)
-                    got = window.read(extra, view[: job.useful], job.file_offset)
-                if got < job.useful:
-                    raise shrank(paths[job.fd])
-                # Pinning, the tensor and the stream are needed only now, so a new thread's first read
-                # does not wait for them (in a fresh process after a cache drop, making the first
-                # streams took 15-18 ms, the ring's tensors 39-57 ms).
-                if slot.tensor is None:
-                    slot.tensor = ring.buffer.prepare(slot.offset)
-                if not hasattr(local, "stream"):
-                    local.stream = side_stream(device, caller)
-                with torch.cuda.stream(local.stream):
-                    dst = arena[job.arena_offset : job.arena_offset + job.useful]
-                    dst.copy_(slot.tensor[: job.useful], non_blocking=True)
-                    slot.event = torch.cuda.Event()
-                    slot.event.record(local.stream)
-            finally:
-                free.put(slot)
-
-        threads = settings.io_threads if direct else settings.cpu_threads
-        caller = torch.cuda.current_stream(device)
-        threads = max(1, min(threads, len(ring.slots) - 1))
-        with torch.cuda.device(device):
-
-            def meanwhile() -> None:
-                prime_copies(device, threads)
-                if while_reading is not None:
-                    while_reading()
-
-            _run_parallel(work, jobs, threads, meanwhile)
-            for slot in ring.slots:
-                if slot.event is not None:
-                    slot.event.synchronize()
-        for fd, extra in fallback.items():
-            if extra is not None:
-                os.close(extra)
-                modes[fds.index(fd)] = "buffered"
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return modes
 
 
 def read_pinned(

@@ -1,20 +1,25 @@
-"""The warm path's ring reader (:mod:`flashtensors.engine.pinned_mmap`): threads read a load's tail into
-the staging ring (:mod:`flashtensors.engine.readers`) while another thread pins its head."""
+"""Reading files to the GPU through the staging ring (:mod:`flashtensors.engine.readers`): reader
+threads fill its slots and make no CUDA call; the thread that owns the feeder pins the slots and queues
+their copies. The cold and buffered read paths (:func:`read_through_ring`) and the warm path's tail
+(:mod:`flashtensors.engine.pinned_mmap`, while that thread pins the head) use it."""
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from flashtensors.config import Settings
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import Slot, StagingRing, shrank, start_gated
-from flashtensors.engine.streams import own_side_stream, pooled_stream
-from flashtensors.engine.sysio import buffer_at, pread_full
+from flashtensors.engine.readers import ReadWindow, Slot, StagingRing, shrank, staging_ring, start_gated
+from flashtensors.engine.streams import own_side_stream, pooled_stream, prime_copies
+from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
 Claim = Callable[[int], tuple[int, int, int] | None]
@@ -30,6 +35,10 @@ class RingFeeder:
     Here, measured on the H100 machine (``benches/probes/hybrid2.py``), pinning the head while 8 threads
     read the tail took a 4B load from 30 to 45 GB/s and a 0.6B one from 33 to 37-40.
 
+    With ``direct``, files are read with O_DIRECT (claims must then start on 4 KiB file offsets; the
+    requests are rounded up to 4 KiB); a file whose filesystem refuses it, at open or at the first read,
+    is read through the page cache instead, and :attr:`modes` says so. Reads are noted in ``window``.
+
     Holds the ring from construction to :meth:`finish` or :meth:`abort`; one of them must be called.
     """
 
@@ -40,9 +49,15 @@ class RingFeeder:
         regions: list[FileRegion],
         arena: torch.Tensor,
         threads: int,
+        direct: bool = False,
+        window: ReadWindow | None = None,
     ) -> None:
         self.ring, self.claim, self.regions, self.arena = ring, claim, regions, arena
         self.bytes = [0] * len(regions)  # per region, what went through the ring
+        self.modes = ["buffered"] * len(regions)  # per region, "direct" while its O_DIRECT reads work
+        self._pread = pread_full if window is None else window.read
+        self._fallback_lock = threading.Lock()
+        self._spare_fds: list[int] = []  # O_DIRECT descriptors replaced by a fallback, closed at the end
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._full: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: collections.deque[Slot] = collections.deque()
@@ -56,7 +71,11 @@ class RingFeeder:
                 if slot.event is not None:
                     slot.event.synchronize()
                 self._free.put(slot)
-            self._fds = [os.open(r.path, os.O_RDONLY) for r in regions]
+            for i, r in enumerate(regions):
+                fd = open_direct(r.path) if direct else None
+                if fd is not None:
+                    self.modes[i] = "direct"
+                self._fds.append(fd if fd is not None else os.open(r.path, os.O_RDONLY))
             count = max(1, min(threads, len(ring.slots) - 1))
             # All started before any reads: a thread started while others read waits for the GIL
             # (8 readers took 53-122 ms to start one by one on the CPU machine, 21-65 ms on the H100's).
@@ -78,7 +97,7 @@ class RingFeeder:
                 if self._stop:
                     self._free.put(slot)
                     break
-                got = pread_full(self._fds[i], buffer_at(self.ring.buffer.address + slot.offset, n), offset)
+                got = self._read_chunk(i, self.ring.buffer.address + slot.offset, offset, n)
                 if got < n:
                     raise shrank(self.regions[i].path)
                 self._full.put((slot, i, offset, n))
@@ -86,6 +105,26 @@ class RingFeeder:
             self._full.put(exc)
         finally:
             self._full.put(None)
+
+    def _read_chunk(self, i: int, address: int, offset: int, n: int) -> int:
+        if self.modes[i] == "direct":
+            fd = self._fds[i]
+            try:
+                return self._pread(fd, buffer_at(address, align_up(n, DIRECT_ALIGN)), offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._fall_back(i, fd)
+        return self._pread(self._fds[i], buffer_at(address, n), offset)
+
+    def _fall_back(self, i: int, refused: int) -> None:
+        """Region ``i``'s filesystem took O_DIRECT at open but refuses the reads: read it through the
+        page cache from now on (the refused descriptor stays open: other readers may still hold it)."""
+        with self._fallback_lock:
+            if self._fds[i] == refused:
+                self._fds[i] = os.open(self.regions[i].path, os.O_RDONLY)
+                self._spare_fds.append(refused)
+                self.modes[i] = "buffered"
 
     @property
     def running(self) -> bool:
@@ -176,9 +215,71 @@ class RingFeeder:
     def _close(self) -> None:
         for t in getattr(self, "_threads", []):
             t.join()
-        for fd in self._fds:
+        for fd in self._fds + self._spare_fds:
             os.close(fd)
-        self._fds = []
+        self._fds, self._spare_fds = [], []
         if self._owns_ring:
             self._owns_ring = False
             self.ring.lock.release()
+
+
+class _InOrder:
+    """Claims for :class:`RingFeeder`: the regions front to back, in chunks of at most the asked size."""
+
+    def __init__(self, regions: list[FileRegion]) -> None:
+        self._next = [
+            (i, r.file_start, r.file_end) for i, r in enumerate(regions) if r.file_end > r.file_start
+        ]
+        self._lock = threading.Lock()
+
+    def claim(self, want: int) -> tuple[int, int, int] | None:
+        with self._lock:
+            if not self._next:
+                return None
+            i, start, end = self._next[0]
+            n = min(want, end - start)
+            if start + n < end:
+                self._next[0] = (i, start + n, end)
+            else:
+                self._next.pop(0)
+            return i, start, n
+
+
+def read_through_ring(
+    regions: list[FileRegion],
+    arena: torch.Tensor,
+    settings: Settings,
+    direct: bool,
+    window: ReadWindow | None = None,
+    while_reading: Callable[[], None] | None = None,
+) -> list[str]:
+    """Fill GPU arena regions: ``io_threads`` threads (``cpu_threads`` for buffered reads) read chunks
+    into the staging ring's slots, and this thread queues each full slot's copy.
+
+    Readers make no CUDA call. Measured on the H100 machine (``benches/probes/coldwin.py``, 0.6B): when
+    each reader pinned and copied its own slots, a reader spent 1.3-2.3 ms between two reads in a
+    process's later loads; here 0.04 ms. A process's first load still waits 4-8 ms between reads on
+    average either way: the first use of the copy path (~95-125 ms of torch and driver code after a
+    cache drop, ``benches/probes/primeph.py``) holds the GIL that the readers need between reads.
+
+    A slot is reused only after the event recorded behind its copy has completed, so a reused staging
+    buffer can never leak into a tensor. ``while_reading`` runs on this thread while the first reads
+    fly (the load builds its tensor views there).
+
+    Returns:
+        The path each region took: "direct", or "buffered" (asked for, or O_DIRECT refused).
+    """
+    device = arena.device
+    threads = settings.io_threads if direct else settings.cpu_threads
+    claims = _InOrder(regions)
+    with torch.cuda.device(device):
+        feeder = RingFeeder(staging_ring(settings), claims.claim, regions, arena, threads, direct, window)
+        try:
+            prime_copies(device, 2)  # the copy path's first use, while the first reads are in flight
+            if while_reading is not None:
+                while_reading()
+        except BaseException:
+            feeder.abort()
+            raise
+        feeder.finish()
+    return feeder.modes
