@@ -42,7 +42,7 @@ FT_TARGETS = [
     ("flashtensors.engine.api", "make_plan", "engine.plan"),
     ("flashtensors.engine.devices", "allocate_arena", "engine.arena"),
     ("flashtensors.engine.pinned_mmap", "read_pinned_mmap", "engine.read_pinned_mmap"),
-    ("flashtensors.engine.readers", "read_through_ring", "engine.read_through_ring"),
+    ("flashtensors.engine.ring_feeder", "read_through_ring", "engine.read_through_ring"),
     ("flashtensors.engine.readers", "read_into_host", "engine.read_into_host"),
     ("flashtensors.engine.readers", "read_pinned", "engine.read_pinned"),
     ("flashtensors.engine.pinned_mmap", "wait_for_releases", "engine.wait_for_releases"),

@@ -4,7 +4,7 @@ T0 = time.perf_counter()
 import torch
 sys.path.insert(0, "src")
 import flashtensors as ft
-from flashtensors.engine import api, devices, pinned_mmap, readers, plan as planmod, sysio, pinned
+from flashtensors.engine import api, devices, pinned_mmap, readers, ring_feeder, plan as planmod, sysio, pinned
 D, mode = sys.argv[1], sys.argv[2]
 kw = {}
 for a in sys.argv[3:]:
@@ -32,10 +32,10 @@ def wrap(mod, name, key):
                 ph[key + "@first"] = round(e, 4); ph[key + "@t"] = round(s - START, 4)
     setattr(mod, name, w)
 wrap(api, "make_plan", "plan"); wrap(api, "resolve_files", "resolve")
-wrap(devices, "allocate_arena", "arena"); wrap(readers, "staging_ring", "ring")
+wrap(devices, "allocate_arena", "arena"); wrap(ring_feeder, "staging_ring", "ring")
 wrap(devices, "host_register", "register"); wrap(readers, "side_stream", "stream"); wrap(pinned_mmap, "side_stream", "stream")
 wrap(api, "residency", "residency"); wrap(api, "_views", "views")
-wrap(pinned_mmap, "read_pinned_mmap", "pinmmap"); wrap(readers, "read_through_ring", "ringread")
+wrap(pinned_mmap, "read_pinned_mmap", "pinmmap"); wrap(ring_feeder, "read_through_ring", "ringread")
 wrap(readers, "read_pinned", "readpinned")
 rp = None
 if mode == "pinned-mmap-pop":

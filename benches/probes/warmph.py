@@ -27,7 +27,7 @@ import threading
 sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))  # PROBE_SRC: another tree's src, e.g. a branch
 import torch
 torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
-from flashtensors.engine import api, devices, pinned_mmap, readers
+from flashtensors.engine import api, devices, pinned_mmap, readers, ring_feeder
 from flashtensors.engine.plan import resolve_files
 
 files = resolve_files(D)
@@ -55,20 +55,15 @@ def wrap(mod, name, label=None):
 for mod, name in [(api, "make_plan"), (api, "resolve_files"), (devices, "allocate_arena"), (api, "_views"),
                   (api, "_relocate"), (readers, "side_stream"), (pinned_mmap, "side_stream"),
                   (pinned_mmap, "Mapping"), (pinned_mmap, "wait_for_releases"), (devices, "host_register"),
-                  (readers, "read_through_ring"), (readers, "prime_copies"), (pinned_mmap, "_release_later"),
-                  (readers, "staging_ring"), (readers, "open_direct"), (readers, "_run_parallel"),
+                  (ring_feeder, "read_through_ring"), (ring_feeder, "prime_copies"), (pinned_mmap, "_release_later"),
+                  (ring_feeder, "staging_ring"), (ring_feeder, "open_direct"), (readers, "_run_parallel"),
                   (readers, "pread_full")]:
     wrap(mod, name)
-try:  # the warm split (sixth session on)
-    from flashtensors.engine import ring_feeder
-except ImportError:
-    ring_feeder = None
-if ring_feeder is not None:
-    for name in ("__init__", "_take", "finish"):
-        wrap(ring_feeder.RingFeeder, name, "ring." + name.strip("_"))
-    wrap(devices.PinnedBuffer, "prepare", "slot.prepare")
-    if RING:
-        pinned_mmap.RING_MIN_BYTES = 0
+for name in ("__init__", "_take", "finish"):  # the ring feeder's phases
+    wrap(ring_feeder.RingFeeder, name, "ring." + name.strip("_"))
+wrap(devices.PinnedBuffer, "prepare", "slot.prepare")
+if RING:
+    pinned_mmap.RING_MIN_BYTES = 0
 from flashtensors.bench.cache import drop_cache
 res = []
 for i in range(2):
