@@ -251,14 +251,14 @@ def _ring_claims_first(monkeypatch: pytest.MonkeyPatch, any_size: bool = True) -
     could otherwise take all of a small file). With ``any_size``, the ring reads small loads too."""
     import threading
 
-    from flashtensors.engine import devices, pinned_mmap
+    from flashtensors.engine import devices, pinned_mmap, readers
 
     if any_size:
         monkeypatch.setattr(pinned_mmap, "RING_MIN_BYTES", 0)
 
     claimed = threading.Event()
     warm = threading.Event()  # a warm load is running (a cold one pins ring slots on this thread too)
-    back, register, read_warm = pinned_mmap._Split.back, devices.host_register, pinned_mmap.read_pinned_mmap
+    back, register, read_warm = readers.Split.back, devices.host_register, pinned_mmap.read_pinned_mmap
 
     def claim(self: object, want: int) -> object:
         got = back(self, want)  # type: ignore[arg-type]
@@ -278,7 +278,7 @@ def _ring_claims_first(monkeypatch: pytest.MonkeyPatch, any_size: bool = True) -
         finally:
             warm.clear()
 
-    monkeypatch.setattr(pinned_mmap._Split, "back", claim)
+    monkeypatch.setattr(readers.Split, "back", claim)
     monkeypatch.setattr(devices, "host_register", host_register)
     monkeypatch.setattr(pinned_mmap, "read_pinned_mmap", read_pinned_mmap)
 

@@ -95,19 +95,17 @@ def test_a_thread_that_cannot_start_leaves_no_worker_running(monkeypatch: pytest
 
 
 def test_ring_claims_cover_each_region_once_in_order() -> None:
-    """The cold ring's claims: front to back, one region at a time, never more than asked, each chunk
-    starting on a 4 KiB file offset where the region does and the size asked is a multiple of it."""
-    from types import SimpleNamespace
-
-    from flashtensors.engine.ring_feeder import _InOrder
+    """The cold ring's claims (a Split taken from the front only): front to back, one region at a time,
+    never more than asked, each chunk starting on a 4 KiB file offset where the region does and the size
+    asked is a multiple of it."""
+    from flashtensors.engine.readers import Split
 
     spans = [(0, 10 * 4096 + 100), (4096, 4096), (8192, 8192 + 3 * 4096)]  # the middle one is empty
-    regions = [SimpleNamespace(file_start=a, file_end=b) for a, b in spans]
-    claims = _InOrder(regions)  # type: ignore[arg-type]
+    claims = Split(spans)
     got = []
-    while (c := claims.claim(4 * 4096)) is not None:
+    while (c := claims.front(4 * 4096)) is not None:
         got.append(c)
-    assert claims.claim(4096) is None
+    assert claims.front(4096) is None
     assert got == [
         (0, 0, 4 * 4096),
         (0, 4 * 4096, 4 * 4096),

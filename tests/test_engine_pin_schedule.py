@@ -57,14 +57,15 @@ def test_front_and_back_together_take_every_byte_once(seed: int) -> None:
     starts on a page of its file."""
     import random
 
-    from flashtensors.engine.pinned_mmap import _piece, _Split
+    from flashtensors.engine.pinned_mmap import _piece
+    from flashtensors.engine.readers import Split
 
     rng = random.Random(seed)
     spans = []
     for _ in range(rng.randint(1, 5)):
         start = 4096 * rng.randint(0, 3)
         spans.append((start, start + rng.choice([0, rng.randint(1, 40 * MiB), rng.randint(1, 300 * MiB)])))
-    split = _Split(spans)
+    split = Split(spans)
     taken: list[list[tuple[int, int]]] = [[] for _ in spans]
     from_front: list[list[int]] = [[] for _ in spans]
     first, slot = True, rng.choice([64 * 1024, MiB, 16 * MiB])
@@ -91,13 +92,13 @@ def test_front_and_back_together_take_every_byte_once(seed: int) -> None:
             assert offset == pos and n > 0
             pos += n
         assert pos == end
-    assert split.pinned == [sum(fronts) for fronts in from_front]
+    assert split.front_bytes == [sum(fronts) for fronts in from_front]
 
 
 def test_a_closed_split_gives_nothing_more() -> None:
-    from flashtensors.engine.pinned_mmap import _Split
+    from flashtensors.engine.readers import Split
 
-    split = _Split([(0, 10 * MiB)])
+    split = Split([(0, 10 * MiB)])
     assert split.front(MiB) == (0, 0, MiB)
     assert split.back(MiB) == (0, 9 * MiB, MiB)
     split.close()

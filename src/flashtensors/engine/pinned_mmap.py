@@ -10,7 +10,6 @@ background once their data is on the GPU. What a warm file wants.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import ring_is_ready, staging_ring
+from flashtensors.engine.readers import Split, ring_is_ready, staging_ring
 from flashtensors.engine.ring_feeder import RingFeeder
 from flashtensors.engine.streams import side_stream
 from flashtensors.engine.sysio import Mapping, align_up
@@ -92,65 +91,10 @@ def _piece(first: bool, left: int, cap: int) -> int:
     return min(align_up(want, _PIECE_ALIGN), cap)
 
 
-class _Split:
-    """A warm load's bytes as one sequence (the regions in order): the pinning thread takes pieces from
-    the front, the ring's readers take chunks from the back, until the two meet. Every boundary between
-    them is a 4 KiB file offset (or a region's end), so every pinned piece starts on a page."""
-
-    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
-        self.spans = spans  # (file_start, file_end) per region; file_start on a page
-        self.starts: list[int] = []
-        total = 0
-        for start, end in spans:
-            self.starts.append(total)
-            total += end - start
-        self.lo, self.hi = 0, total
-        self.pinned = [0] * len(spans)  # bytes taken from the front, per region
-        self._lock = threading.Lock()
-
-    @property
-    def left(self) -> int:
-        return self.hi - self.lo
-
-    def _at(self, pos: int) -> int:
-        return bisect.bisect_right(self.starts, pos) - 1  # empty regions share the next one's start
-
-    def front(self, want: int) -> tuple[int, int, int] | None:
-        """Up to ``want`` bytes from the front, within one region: (region index, file offset, bytes)."""
-        with self._lock:
-            if self.lo >= self.hi:
-                return None
-            i = self._at(self.lo)
-            start, end = self.spans[i]
-            n = min(want, self.starts[i] + end - start - self.lo, self.hi - self.lo)
-            offset = start + self.lo - self.starts[i]
-            self.lo += n
-            self.pinned[i] += n
-            return i, offset, n
-
-    def back(self, want: int) -> tuple[int, int, int] | None:
-        """Up to ``want`` bytes from the back, within one region, starting on a 4 KiB file offset unless
-        it starts where the front stopped."""
-        with self._lock:
-            if self.hi <= self.lo:
-                return None
-            i = self._at(self.hi - 1)
-            floor = max(self.starts[i], self.lo)
-            # file_start is page-aligned, so a page-aligned offset into the region is a page in the file
-            new = max(floor, self.starts[i] + align_up(max(0, self.hi - want - self.starts[i]), 4096))
-            n, self.hi = self.hi - new, new
-            return i, self.spans[i][0] + new - self.starts[i], n
-
-    def close(self) -> None:
-        """Nothing more may be taken (a failed load)."""
-        with self._lock:
-            self.hi = self.lo
-
-
 def pin_schedule(lengths: Sequence[int], cap: int) -> list[list[int]]:
     """The pieces (bytes per cudaHostRegister call, per region) of a load that pins everything: what
     :func:`read_pinned_mmap` does without the ring."""
-    split = _Split([(0, length) for length in lengths])
+    split = Split([(0, length) for length in lengths])
     out: list[list[int]] = [[] for _ in lengths]
     first = True
     while (piece := split.front(_piece(first, split.left, cap))) is not None:
@@ -190,7 +134,7 @@ def read_pinned_mmap(
     device = arena.device
     maps: dict[int, Mapping] = {}
     pinned: list[int] = []
-    split = _Split([(r.file_start, r.file_end) for r in regions])
+    split = Split([(r.file_start, r.file_end) for r in regions])
     feeder: RingFeeder | None = None
     ring_threads = settings.warm_ring_threads
     stream = side_stream(device, torch.cuda.current_stream(device))
@@ -247,7 +191,7 @@ def read_pinned_mmap(
     ring = feeder.bytes if feeder is not None else [0] * len(regions)
     return [
         "pinned-mmap" if not r else ("buffered" if not p else "pinned-mmap+buffered")
-        for p, r in zip(split.pinned, ring, strict=True)
+        for p, r in zip(split.front_bytes, ring, strict=True)
     ]
 
 

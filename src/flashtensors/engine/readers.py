@@ -14,6 +14,7 @@ Each function takes the regions it should fill and returns nothing; errors propa
 
 from __future__ import annotations
 
+import bisect
 import os
 import queue
 import threading
@@ -153,6 +154,63 @@ def _run_parallel(
             raise errors[0]
 
 
+class Split:
+    """A load's bytes as one sequence (the regions in order), handed out in pieces from the front and
+    from the back until the two meet. A warm load pins pieces from the front while the ring's readers
+    take chunks from the back (:mod:`flashtensors.engine.pinned_mmap`); a cold one reads everything from
+    the front (:func:`flashtensors.engine.ring_feeder.read_through_ring`). Every boundary between the
+    two sides is a 4 KiB file offset (or a region's end), so every front piece starts on a page."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        self.spans = spans  # (file_start, file_end) per region; file_start on a page
+        self.starts: list[int] = []
+        total = 0
+        for start, end in spans:
+            self.starts.append(total)
+            total += end - start
+        self.lo, self.hi = 0, total
+        self.front_bytes = [0] * len(spans)  # bytes taken from the front, per region
+        self._lock = threading.Lock()
+
+    @property
+    def left(self) -> int:
+        return self.hi - self.lo
+
+    def _at(self, pos: int) -> int:
+        return bisect.bisect_right(self.starts, pos) - 1  # empty regions share the next one's start
+
+    def front(self, want: int) -> tuple[int, int, int] | None:
+        """Up to ``want`` bytes from the front, within one region: (region index, file offset, bytes)."""
+        with self._lock:
+            if self.lo >= self.hi:
+                return None
+            i = self._at(self.lo)
+            start, end = self.spans[i]
+            n = min(want, self.starts[i] + end - start - self.lo, self.hi - self.lo)
+            offset = start + self.lo - self.starts[i]
+            self.lo += n
+            self.front_bytes[i] += n
+            return i, offset, n
+
+    def back(self, want: int) -> tuple[int, int, int] | None:
+        """Up to ``want`` bytes from the back, within one region, starting on a 4 KiB file offset unless
+        it starts where the front stopped."""
+        with self._lock:
+            if self.hi <= self.lo:
+                return None
+            i = self._at(self.hi - 1)
+            floor = max(self.starts[i], self.lo)
+            # file_start is page-aligned, so a page-aligned offset into the region is a page in the file
+            new = max(floor, self.starts[i] + align_up(max(0, self.hi - want - self.starts[i]), 4096))
+            n, self.hi = self.hi - new, new
+            return i, self.spans[i][0] + new - self.starts[i], n
+
+    def close(self) -> None:
+        """Nothing more may be taken (a failed load)."""
+        with self._lock:
+            self.hi = self.lo
+
+
 def shrank(path: object) -> FormatError:
     return FormatError(
         f"{path}: the file shrank while it was read (is something rewriting it?)",
@@ -176,7 +234,7 @@ def read_into_host(
     Returns the path actually used for each region ("direct", or "buffered" where O_DIRECT is refused).
     Every read is noted in ``window``.
     """
-    read = (window or ReadWindow()).read
+    read = window.read if window is not None else pread_full
     base = arena.data_ptr()
     used: list[str] = []
     for region in regions:

@@ -17,7 +17,15 @@ import torch
 
 from flashtensors.config import Settings
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import ReadWindow, Slot, StagingRing, shrank, staging_ring, start_gated
+from flashtensors.engine.readers import (
+    ReadWindow,
+    Slot,
+    Split,
+    StagingRing,
+    shrank,
+    staging_ring,
+    start_gated,
+)
 from flashtensors.engine.streams import own_side_stream, pooled_stream, prime_copies
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 
@@ -223,28 +231,6 @@ class RingFeeder:
             self.ring.lock.release()
 
 
-class _InOrder:
-    """Claims for :class:`RingFeeder`: the regions front to back, in chunks of at most the asked size."""
-
-    def __init__(self, regions: list[FileRegion]) -> None:
-        self._next = [
-            (i, r.file_start, r.file_end) for i, r in enumerate(regions) if r.file_end > r.file_start
-        ]
-        self._lock = threading.Lock()
-
-    def claim(self, want: int) -> tuple[int, int, int] | None:
-        with self._lock:
-            if not self._next:
-                return None
-            i, start, end = self._next[0]
-            n = min(want, end - start)
-            if start + n < end:
-                self._next[0] = (i, start + n, end)
-            else:
-                self._next.pop(0)
-            return i, start, n
-
-
 def read_through_ring(
     regions: list[FileRegion],
     arena: torch.Tensor,
@@ -271,9 +257,9 @@ def read_through_ring(
     """
     device = arena.device
     threads = settings.io_threads if direct else settings.cpu_threads
-    claims = _InOrder(regions)
+    claims = Split([(r.file_start, r.file_end) for r in regions])  # all of it from the front, in order
     with torch.cuda.device(device):
-        feeder = RingFeeder(staging_ring(settings), claims.claim, regions, arena, threads, direct, window)
+        feeder = RingFeeder(staging_ring(settings), claims.front, regions, arena, threads, direct, window)
         try:
             prime_copies(device, 2)  # the copy path's first use, while the first reads are in flight
             if while_reading is not None:
