@@ -445,3 +445,24 @@ def test_cached_file_without_pinning_the_cache(ring_file: Path, pin_cache: bool)
     assert_same(result.tensors, reference_load(ring_file), device=DEV)
     assert set(result.stats.paths.values()) == ({"pinned-mmap"} if pin_cache else {"buffered"})
     assert bool(pinned_mmap._releases) == pin_cache  # the pinned-in-place cache is unpinned later
+
+
+@pytest.mark.parametrize("runtime", ["direct", "through_torch"])
+def test_ring_copies_with_and_without_direct_runtime_calls(
+    ring_file: Path, monkeypatch: pytest.MonkeyPatch, runtime: str
+) -> None:
+    """The ring's copies call cudaMemcpyAsync through ctypes (no tensor over a slot); where the runtime
+    cannot be called directly they go through torch. The same bytes either way."""
+    from flashtensors.engine import devices, readers
+
+    if runtime == "through_torch":
+        monkeypatch.setattr(devices._rt(), "lib", None)
+    assert devices.raw_copies() == (runtime == "direct")
+    ring_size = 256 * 1024 if runtime == "direct" else 320 * 1024  # a ring of its own
+    ft.configure(chunk_size=64 * 1024, ring_size=ring_size)
+    for read_path in ("direct", "buffered"):
+        result = load(ring_file, device=DEV, read_path=read_path)
+        assert_same(result.tensors, reference_load(ring_file), device=DEV)
+    ring = readers.staging_ring(ft.get_settings())
+    assert all(slot.pinned for slot in ring.slots)
+    assert all((slot.tensor is None) == (runtime == "direct") for slot in ring.slots)

@@ -14,6 +14,7 @@ from flashtensors.errors import DeviceError
 _READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the device only reads the pages
 _DEFAULT = 0x00
 _NON_BLOCKING = 0x01  # cudaStreamNonBlocking, as torch's own streams
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
 def resolve_device(device: str | int | torch.device | None) -> torch.device:
@@ -88,6 +89,12 @@ class PinnedBuffer:
     def prepare(self, offset: int) -> torch.Tensor:
         """Fault in and pin the piece that starts at ``offset``, unless done already, and return it as a
         tensor. The caller must be the piece's only user while this runs (a staging slot it holds)."""
+        address, n = self.pin(offset)
+        return host_view(address, n)
+
+    def pin(self, offset: int) -> tuple[int, int]:
+        """Fault in and pin the piece that starts at ``offset``, unless done already; its address and
+        length. The caller must be the piece's only user while this runs."""
         address = self.mapping.address + offset
         n = min(self.piece, self.mapping.length - offset)
         with self._lock:
@@ -97,7 +104,7 @@ class PinnedBuffer:
             host_register(address, n)
             with self._lock:
                 self._pinned.add(address)
-        return host_view(address, n)
+        return address, n
 
     def __del__(self) -> None:
         if getattr(self, "mapping", None) is not None and self.mapping.address:
@@ -133,6 +140,13 @@ class _Runtime:
             lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
             lib.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+            lib.cudaMemcpyAsync.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_void_p,
+            ]
             self.lib = lib
             break
 
@@ -155,6 +169,20 @@ class _Runtime:
             self.clear_last_error()
             return None
         return handle.value
+
+    def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> bool:
+        """Queue a host-to-device copy of ``nbytes`` from pinned ``src`` to ``dst`` on ``stream`` (a
+        cudaStream_t); False where the runtime cannot be called directly (then copy with torch)."""
+        if self.lib is None:
+            return False
+        err = int(self.lib.cudaMemcpyAsync(dst, src, nbytes, _HOST_TO_DEVICE, stream))
+        if err != 0:
+            self.clear_last_error()
+            raise DeviceError(
+                f"cudaMemcpyAsync of {nbytes} bytes to the GPU failed with CUDA error {err}",
+                hint="check `nvidia-smi` for the GPU's state; a GPU reset or a driver restart may be needed",
+            )
+        return True
 
     def clear_last_error(self) -> None:
         """Reset the runtime's last-error slot after a failure we handled, or torch's next launch check
@@ -207,6 +235,27 @@ def new_stream(device: torch.device) -> torch.cuda.Stream:
     if handle is None:
         return torch.cuda.Stream(device=device)
     return torch.cuda.ExternalStream(handle, device=device)
+
+
+def raw_copies() -> bool:
+    """Whether :func:`copy_to_device` can call the CUDA runtime directly (else copies go through torch)."""
+    return _rt().lib is not None
+
+
+def copy_to_device(dst: int, src: int, nbytes: int, stream: torch.cuda.Stream) -> bool:
+    """Queue a copy from pinned host memory at ``src`` to device memory at ``dst`` on ``stream``, with one
+    cudaMemcpyAsync through ctypes: no tensor over the host memory, no torch dispatch, and the GIL is
+    released for the call. In a fresh process after a cache drop, the first ``torch.frombuffer`` took
+    40-50 ms and the first ``copy_`` 31-38 ms on the H100 machine (``benches/probes/primeph.py``), all
+    of it holding the GIL that reader threads need between their reads.
+
+    Returns:
+        False where the runtime cannot be called directly: the caller copies with torch instead.
+
+    Raises:
+        DeviceError: the runtime refused the copy.
+    """
+    return _rt().copy_to_device(dst, src, nbytes, stream.cuda_stream)
 
 
 def host_unregister(address: int) -> None:

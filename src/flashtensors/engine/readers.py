@@ -272,7 +272,8 @@ def read_into_host(
 @dataclass
 class Slot:
     offset: int  # in the ring's buffer
-    tensor: torch.Tensor | None = None  # made, with the slot's pinning, before its first copy
+    pinned: bool = False  # pinned before its first copy
+    tensor: torch.Tensor | None = None  # only where copies go through torch (no direct runtime calls)
     event: torch.cuda.Event | None = None
 
 
@@ -309,7 +310,7 @@ def ring_is_ready(settings: Settings) -> bool:
     """Whether this process's staging ring for ``settings`` exists with every slot already pinned."""
     with _ring_lock:
         ring = _rings.get((settings.ring_size, settings.chunk_size))
-    return ring is not None and all(slot.tensor is not None for slot in ring.slots)
+    return ring is not None and all(slot.pinned for slot in ring.slots)
 
 
 def staging_ring(settings: Settings) -> StagingRing:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from flashtensors.config import Settings
+from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
 from flashtensors.engine.readers import (
     ReadWindow,
@@ -26,7 +27,7 @@ from flashtensors.engine.readers import (
     staging_ring,
     start_gated,
 )
-from flashtensors.engine.streams import own_side_stream, pooled_stream, prime_copies
+from flashtensors.engine.streams import make_streams, own_side_stream, pooled_stream, prime_copies
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
@@ -168,15 +169,22 @@ class RingFeeder:
         if self._stop:
             self._free.put(slot)
             return
-        if slot.tensor is None:
-            slot.tensor = self.ring.buffer.prepare(slot.offset)
+        if not slot.pinned:
+            self.ring.buffer.pin(slot.offset)
+            slot.pinned = True
         if self._stream is None:
             self._stream = pooled_stream(self.arena.device, avoid=own_side_stream(self.arena.device))
             self._stream.wait_stream(torch.cuda.current_stream(self.arena.device))
         region = self.regions[i]
         dst = region.arena_offset + offset - region.file_start
+        if dst < 0 or dst + n > self.arena.numel():  # the plan's bug, never a copy out of bounds
+            raise RuntimeError(f"ring copy of {n} bytes to arena offset {dst} is out of bounds")
+        src = self.ring.buffer.address + slot.offset
         with torch.cuda.stream(self._stream):
-            self.arena[dst : dst + n].copy_(slot.tensor[:n], non_blocking=True)
+            if not devices.copy_to_device(self.arena.data_ptr() + dst, src, n, self._stream):
+                if slot.tensor is None:
+                    slot.tensor = devices.host_view(src, self.ring.slot_size)
+                self.arena[dst : dst + n].copy_(slot.tensor[:n], non_blocking=True)
             slot.event = torch.cuda.Event()
             slot.event.record(self._stream)
         self._inflight.append(slot)
@@ -261,7 +269,10 @@ def read_through_ring(
     with torch.cuda.device(device):
         feeder = RingFeeder(staging_ring(settings), claims.front, regions, arena, threads, direct, window)
         try:
-            prime_copies(device, 2)  # the copy path's first use, while the first reads are in flight
+            if devices.raw_copies():
+                make_streams(device, 2)  # the feeder's stream, while the first reads are in flight
+            else:
+                prime_copies(device, 2)  # torch's copy path's first use, meanwhile
             if while_reading is not None:
                 while_reading()
         except BaseException:
