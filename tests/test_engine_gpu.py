@@ -466,3 +466,27 @@ def test_ring_copies_with_and_without_direct_runtime_calls(
     ring = readers.staging_ring(ft.get_settings())
     assert all(slot.pinned for slot in ring.slots)
     assert all((slot.tensor is None) == (runtime == "direct") for slot in ring.slots)
+
+
+@pytest.mark.parametrize("read_path", ["direct", "buffered"])
+def test_views_error_reaches_the_caller(
+    ring_file: Path, monkeypatch: pytest.MonkeyPatch, read_path: str
+) -> None:
+    """The ring paths build the tensor views while the reads fly: an error there is raised by the load,
+    the readers stop, the ring is let go, and the next load is whole."""
+    from flashtensors.engine import api, readers
+
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
+
+    def broken(plan: object, arena: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise RuntimeError("views broke")
+
+    with monkeypatch.context() as m:
+        m.setattr(api, "_views", broken)
+        with pytest.raises(RuntimeError, match="views broke"):
+            load(ring_file, device=DEV, read_path=read_path)
+    ring = readers.staging_ring(ft.get_settings())
+    assert ring.lock.acquire(blocking=False), "the failed load kept the staging ring"
+    ring.lock.release()
+    again = load(ring_file, device=DEV, read_path=read_path)
+    assert_same(again.tensors, reference_load(ring_file), device=DEV)

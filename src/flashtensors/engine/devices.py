@@ -71,12 +71,12 @@ class PinnedBuffer:
     ``pin_memory=True`` (cudaHostAlloc) pins ~1 GB/s (0.27 s for 256 MiB), registering populated pages
     is tens of GB/s.
 
-    Nothing is faulted in, pinned or wrapped in a tensor up front: :meth:`prepare` does it for one piece
-    and returns the piece's tensor, so the threads that first use the pieces do it in parallel, each
-    while the others already read. Done up front, a 256 MiB ring took 31-41 ms to fault in and 5-7 ms
-    to pin in a fresh process on the H100 machine, all before the first read; and after a cache drop,
-    the process's first ``torch.frombuffer`` and slicing took 30-50 ms of torch code read back from
-    disk (``benches/probes/ringsteps.py``).
+    Nothing is faulted in, pinned or wrapped in a tensor up front: :meth:`pin` does it for one piece
+    (:meth:`prepare` also returns the piece's tensor), so the threads that first use the pieces do it
+    in parallel, each while the others already read. Done up front, a 256 MiB ring took 31-41 ms to
+    fault in and 5-7 ms to pin in a fresh process on the H100 machine, all before the first read; and
+    after a cache drop, the process's first ``torch.frombuffer`` and slicing took 30-50 ms of torch
+    code read back from disk (``benches/probes/ringsteps.py``).
     """
 
     def __init__(self, nbytes: int, piece: int) -> None:

@@ -281,10 +281,9 @@ class Slot:
 class StagingRing:
     """Pinned host slots, allocated once per process and reused: pinning fresh memory is slow (1.4 GB/s).
 
-    Reads go into a slot by address. A slot is pinned (and gets its tensor) only before its first copy,
-    by the thread that queues the copies (``buffer.prepare``, in
-    :class:`flashtensors.engine.ring_feeder.RingFeeder`): the first reads start without waiting for the
-    ring.
+    Reads go into a slot by address. A slot is pinned only before its first copy, by the thread that
+    queues the copies (``buffer.pin``, in :class:`flashtensors.engine.ring_feeder.RingFeeder`): the first
+    reads start without waiting for the ring.
     """
 
     slot_size: int

@@ -252,13 +252,18 @@ def read_through_ring(
 
     Readers make no CUDA call. Measured on the H100 machine (``benches/probes/coldwin.py``, 0.6B): when
     each reader pinned and copied its own slots, a reader spent 1.3-2.3 ms between two reads in a
-    process's later loads; here 0.04 ms. A process's first load still waits 4-8 ms between reads on
-    average either way: the first use of the copy path (~95-125 ms of torch and driver code after a
-    cache drop, ``benches/probes/primeph.py``) holds the GIL that the readers need between reads.
+    process's later loads; here 0.04 ms. A process's first load waits longer: the first use of torch's
+    copy path (~95-125 ms of torch and driver code after a cache drop, ``benches/probes/primeph.py``)
+    holds the GIL that the readers need between reads. So the copies call cudaMemcpyAsync directly
+    (:func:`flashtensors.engine.devices.copy_to_device`): first loads waited 1.1-3.9 ms between reads
+    on average (nine processes) against 4.9-6.8 with ``copy_`` (three, the same call).
 
     A slot is reused only after the event recorded behind its copy has completed, so a reused staging
     buffer can never leak into a tensor. ``while_reading`` runs on this thread while the first reads
-    fly (the load builds its tensor views there).
+    fly (the load builds its tensor views there). In a process's first load after a cache drop that
+    took 100-240 ms (3-6 ms later: the first use faults torch's code in from the busy disk), and the
+    first copy 60-90 ms where it came first; on a helper thread instead, the views held the GIL just
+    the same and the first loads' reads were no faster (``coldwin.py``, H100 machine, 2026-11-28).
 
     Returns:
         The path each region took: "direct", or "buffered" (asked for, or O_DIRECT refused).
