@@ -296,6 +296,33 @@ def test_summary_of_the_reads_window() -> None:
     assert "reads_gbps" not in rows["fastsafetensors"] and "note" not in rows["fastsafetensors"]
 
 
+def test_summary_pairs_the_rounds() -> None:
+    """Ours against each peer round by round (the same repeat): the median of the peer's time over ours
+    and how many rounds ours won; rounds missing a run are left out, and fewer than three say nothing."""
+
+    def run(loader: str, repeat: int, seconds: float, status: str = "ok") -> dict[str, Any]:
+        out = {"loader": loader, "scenario": "cold", "repeat": repeat, "status": status}
+        return out | ({"seconds": seconds} if status != "error" else {"error": "boom"})
+
+    report = {
+        "checkpoint": {"bytes": 1_000_000_000},
+        "options": {"device": "cuda"},
+        "limits": {},
+        "runs": [run("flashtensors", i, s) for i, s in enumerate((1.0, 2.0, 1.0, 1.0))]
+        # rounds: 1.2x, 0.9x, 1.1x; the fourth failed and is left out
+        + [run("fastsafetensors", i, s) for i, s in enumerate((1.2, 1.8, 1.1))]
+        + [run("fastsafetensors", 3, 0.0, "error")]
+        + [run("runai", i, 1.5) for i in range(2)],  # two rounds only
+    }
+    rows = {r["loader"]: r for r in summarize(report)}
+    ft = rows["flashtensors"]
+    assert ft["paired"] == {"fastsafetensors": {"median": pytest.approx(1.1), "faster": 2, "rounds": 3}}
+    assert ft["note"].endswith(
+        "round by round, the peer's time over ours (median): fastsafetensors 1.10x (ours faster in 2 of 3)"
+    )
+    assert "paired" not in rows["fastsafetensors"]
+
+
 def test_cache_helpers(ckpt_dir: Path) -> None:
     files = sorted(ckpt_dir.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)

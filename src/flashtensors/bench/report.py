@@ -70,6 +70,8 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
         base = medians.get((row["scenario"], BASELINE[row["scenario"]]))
         if base and "seconds" in row:
             row["speedup"] = base / row["seconds"]
+        if row["loader"] == "flashtensors" and "seconds" in row:
+            _paired(row, groups)
     rows += [
         {"scenario": s["scenario"], "loader": s["loader"], "status": "skipped", "note": s["note"]}
         for s in report.get("skipped", [])
@@ -89,6 +91,38 @@ def _reads_note(row: dict[str, Any], runs: list[dict[str, Any]], nbytes: int) ->
         f"reads alone {row['reads_gbps']:.2f} GB/s{of}, {1e3 * row['before_reads_seconds']:.0f} ms before "
         f"the first, {1e3 * row['after_reads_seconds']:.0f} ms after the last (medians)"
     )
+
+
+def _paired(row: dict[str, Any], groups: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """Ours against each peer round by round: each repeat runs every loader once, in a shuffled order,
+    so a round's runs meet much the same disk. On the H100 machine the disk read between the cold
+    rounds of one run moved by 28% (1.74-2.23 GB/s, 2026-11-28), more than the loaders differ. Into
+    ``row["paired"]`` (peer -> median of the peer's seconds over ours, rounds ours was faster, rounds)
+    and a note."""
+    ours = {r["repeat"]: r["seconds"] for r in groups[(row["scenario"], row["loader"])] if _timed(r)}
+    paired: dict[str, dict[str, Any]] = {}
+    for (scenario, loader), runs in groups.items():
+        if scenario != row["scenario"] or loader == row["loader"]:
+            continue
+        ratios = [r["seconds"] / ours[r["repeat"]] for r in runs if _timed(r) and r["repeat"] in ours]
+        if len(ratios) >= 3:
+            paired[loader] = {
+                "median": statistics.median(ratios),
+                "faster": sum(x > 1 for x in ratios),
+                "rounds": len(ratios),
+            }
+    if paired:
+        row["paired"] = paired
+        said = [
+            f"{p} {v['median']:.2f}x (ours faster in {v['faster']} of {v['rounds']})"
+            for p, v in paired.items()
+        ]
+        note = "round by round, the peer's time over ours (median): " + ", ".join(said)
+        row["note"] = "; ".join(filter(None, [row.get("note"), note]))
+
+
+def _timed(run: dict[str, Any]) -> bool:
+    return run.get("status") in ("ok", "FAIL") and "repeat" in run and "seconds" in run
 
 
 def _first_error(runs: list[dict[str, Any]]) -> str:
