@@ -4,6 +4,9 @@ PROBE_SRC=path/to/other/src python coldwin.py ...   loads with another tree's en
 PREFAULT=1 python coldwin.py ...   faults the staging ring in (without pinning it) before the first step
 PRIME=first python coldwin.py ...   runs the copy path's first use (streams.prime_copies) on the clock,
                                     before the first load starts its reads
+VIEWS=after python coldwin.py ...   builds the tensor views after the reads, not while they fly
+Every "ft" step also reports, per engine call made on the loading thread (``main``: count, total ms,
+longest ms), where it holds the GIL the readers need between their reads.
 
 Each round is a fresh process with a CUDA context made before the first step. "raw" is the bench's disk
 limit (8 threads x 16 MiB O_DIRECT into huge-page buffers made before its clock); "ft" is the engine's
@@ -48,6 +51,28 @@ def gaps():
     return dict(threads=len(by), read_ms_first16=m(dur[:16]), read_ms_rest=m(dur[16:]), gap_ms=m(gap),
                 gap_ms_max=round(1e3 * max(gap), 1) if gap else None)
 
+main = {}  # name -> [calls, total s, longest s], calls on the loading thread during a load
+def traced(name, fn):
+    def run(*a, **k):
+        b = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            d = time.perf_counter() - b
+            m = main.setdefault(name, [0, 0.0, 0.0]); m[0] += 1; m[1] += d; m[2] = max(m[2], d)
+    return run
+from flashtensors.engine import ring_feeder, devices
+api._views = traced("views", api._views)
+for name in ("make_streams", "prime_copies", "pooled_stream", "staging_ring"):
+    if hasattr(ring_feeder, name):
+        setattr(ring_feeder, name, traced(name, getattr(ring_feeder, name)))
+if hasattr(ring_feeder, "RingFeeder"):
+    ring_feeder.RingFeeder._take = traced("take", ring_feeder.RingFeeder._take)
+    ring_feeder.RingFeeder.__init__ = traced("feeder_init", ring_feeder.RingFeeder.__init__)
+devices.allocate_arena = traced("allocate_arena", devices.allocate_arena)
+if os.environ.get("VIEWS") == "after":  # the load builds its views after the reads
+    api._once = lambda fn: None
+
 if os.environ.get("PREFAULT"):  # the staging ring faulted in before the first step (not pinned)
     from flashtensors.config import get_settings
     from flashtensors.engine.readers import staging_ring
@@ -64,7 +89,7 @@ for kind in sys.argv[3].split(","):
         steps.append(dict(kind="raw", s=round(sec, 4), GBs=round(got / sec / 1e9, 3)))
         continue
     torch.cuda.synchronize()
-    reads.clear()
+    reads.clear(); main.clear()
     s = time.perf_counter()
     if os.environ.get("PRIME") == "first":  # the copy path's first use before the load, on the clock
         from flashtensors.engine import streams
@@ -78,6 +103,7 @@ for kind in sys.argv[3].split(","):
         first, last = min(b for _, b, _ in reads) - s, max(e for _, _, e in reads) - s
     steps.append(dict(kind="ft", s=round(el, 4), GBs=round(total / el / 1e9, 3),
                       reads_GBs=round(total / (last - first) / 1e9, 3),
-                      before_ms=round(first * 1e3, 1), after_ms=round((el - last) * 1e3, 1), **gaps()))
+                      before_ms=round(first * 1e3, 1), after_ms=round((el - last) * 1e3, 1), **gaps(),
+                      main={k: [c, round(t * 1e3, 1), round(x * 1e3, 1)] for k, (c, t, x) in main.items()}))
     del r
 print("COLDWIN " + json.dumps(steps), flush=True)
