@@ -468,6 +468,35 @@ def test_ring_copies_with_and_without_direct_runtime_calls(
     assert all((slot.tensor is None) == (runtime == "direct") for slot in ring.slots)
 
 
+@pytest.mark.parametrize("runtime", ["direct", "through_torch"])
+def test_warm_copies_with_and_without_direct_runtime_calls(
+    ring_file: Path, monkeypatch: pytest.MonkeyPatch, runtime: str
+) -> None:
+    """A warm load's pinned page-cache pieces are copied with cudaMemcpyAsync through ctypes too, and
+    through torch where the runtime cannot be called directly. The same bytes either way."""
+    from flashtensors.engine import devices, pinned_mmap
+
+    if runtime == "through_torch":
+        monkeypatch.setattr(devices._rt(), "lib", None)
+    calls: list[int] = []
+    raw_copy = devices.copy_to_device
+
+    def counted(dst: int, src: int, nbytes: int, stream: torch.cuda.Stream) -> bool:
+        calls.append(nbytes)
+        return raw_copy(dst, src, nbytes, stream)
+
+    monkeypatch.setattr(devices, "copy_to_device", counted)
+    ft.configure(register_chunk=1024 * 1024, warm_ring_threads=0)  # pieces of 1 MiB, pinned only
+    pinned_mmap.wait_for_releases()
+    ring_file.read_bytes()
+    result = load(ring_file, device=DEV)
+    assert_same(result.tensors, reference_load(ring_file), device=DEV)
+    assert set(result.stats.paths.values()) == {"pinned-mmap"}
+    data_start = 8 + int.from_bytes(ring_file.read_bytes()[:8], "little")
+    region_start = data_start // 4096 * 4096  # regions start on the page that holds the first tensor
+    assert len(calls) > 1 and sum(calls) == ring_file.stat().st_size - region_start
+
+
 @pytest.mark.parametrize("read_path", ["direct", "buffered"])
 def test_views_error_reaches_the_caller(
     ring_file: Path, monkeypatch: pytest.MonkeyPatch, read_path: str

@@ -131,6 +131,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.lib: Any = None
+        self.memcpy_async: Any = None
         torch.cuda.init()  # make sure torch's runtime is loaded, so the soname below finds that one
         for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
             try:
@@ -140,13 +141,12 @@ class _Runtime:
             lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
             lib.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-            lib.cudaMemcpyAsync.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_void_p,
-            ]
+            # The copy keeps the GIL (a PyDLL handle): from pinned memory it only queues work and
+            # returns in microseconds, and a call that let go of the GIL would wait to take it back
+            # behind whichever thread holds it (the views thread, in a first load).
+            copy = ctypes.PyDLL(name).cudaMemcpyAsync
+            copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+            self.memcpy_async = copy
             self.lib = lib
             break
 
@@ -175,7 +175,7 @@ class _Runtime:
         cudaStream_t); False where the runtime cannot be called directly (then copy with torch)."""
         if self.lib is None:
             return False
-        err = int(self.lib.cudaMemcpyAsync(dst, src, nbytes, _HOST_TO_DEVICE, stream))
+        err = int(self.memcpy_async(dst, src, nbytes, _HOST_TO_DEVICE, stream))
         if err != 0:
             self.clear_last_error()
             raise DeviceError(
@@ -245,9 +245,10 @@ def raw_copies() -> bool:
 def copy_to_device(dst: int, src: int, nbytes: int, stream: torch.cuda.Stream) -> bool:
     """Queue a copy from pinned host memory at ``src`` to device memory at ``dst`` on ``stream``, with one
     cudaMemcpyAsync through ctypes: no tensor over the host memory, no torch dispatch, and the GIL is
-    released for the call. In a fresh process after a cache drop, the first ``torch.frombuffer`` took
-    40-50 ms and the first ``copy_`` 31-38 ms on the H100 machine (``benches/probes/primeph.py``), all
-    of it holding the GIL that reader threads need between their reads.
+    kept for the call, which only queues the copy. In a fresh process after a cache drop, the first
+    ``torch.frombuffer`` took 40-50 ms and the first ``copy_`` 31-38 ms on the H100 machine
+    (``benches/probes/primeph.py``), all of it holding the GIL that reader threads need between their
+    reads.
 
     Returns:
         False where the runtime cannot be called directly: the caller copies with torch instead.

@@ -167,7 +167,8 @@ def read_pinned_mmap(
                     timed_seconds += time.perf_counter() - t0
                 pinned.append(m.address + offset)
                 dst = regions[i].arena_offset + offset - regions[i].file_start
-                arena[dst : dst + n].copy_(devices.host_view(m.address + offset, n), non_blocking=True)
+                if not devices.copy_to_device(arena.data_ptr() + dst, m.address + offset, n, stream):
+                    arena[dst : dst + n].copy_(devices.host_view(m.address + offset, n), non_blocking=True)
                 helper.start()
         helper.start()  # nothing was pinned (every region empty, or the probe switched at once)
         if feeder is None and split.left > 0:  # pinning was slow: the ring reads the rest
