@@ -239,3 +239,18 @@ def test_gpu_plans_put_tensors_on_256_byte_boundaries(tmp_path: Path, mod8: int)
         if (p.info.start - region.header.data_start) % GPU_TENSOR_ALIGN == 0:
             assert p.offset % GPU_TENSOR_ALIGN == 0, p.info.name
     assert sum(1 for p in gpu.placements if p.offset % GPU_TENSOR_ALIGN == 0) >= 3  # each file's first
+
+
+@pytest.mark.parametrize("read_path", PATHS)
+def test_a_few_bytes_load_after_the_views_warm_up(tmp_path: Path, read_path: str) -> None:
+    """The engine's import takes the views' torch paths once on the CPU (api.warm_views); a checkpoint of
+    three bytes, smaller than what the warm-up views, still loads whole."""
+    import torch
+
+    from flashtensors.engine import api
+
+    assert torch.device("cpu") in api._views_warmed
+    api.warm_views(torch.empty(3, dtype=torch.uint8, device="meta"))  # under 16 bytes: nothing to take
+    assert torch.device("meta") not in api._views_warmed
+    path = write(tmp_path / "tiny.safetensors", build([random_spec("b", "U8", (3,), seed=5)]))
+    assert_same(load_state_dict(path, read_path=read_path), reference_load(path))

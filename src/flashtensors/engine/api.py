@@ -136,6 +136,28 @@ def _views(plan: Plan, arena: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+_views_warmed: set[torch.device] = set()
+
+
+def warm_views(base: torch.Tensor | None = None) -> None:
+    """Take, once per device, every torch code path :func:`_views` takes: a few views of each dtype
+    over ``base`` (a uint8 tensor, say a load's arena before its reads) or over 64 bytes of CPU memory.
+
+    Run at import for the CPU, and by a load on a device before its reads. After a cache drop, torch's
+    code that no process has mapped is read back from disk on its first use: measured on the CPU
+    machine (``benches/probes/viewfaults.py``), a 0.6B checkpoint's 310 views took 53-62 ms and 12-14
+    major faults the first time, 2-5 ms and none once this ran first. Inside a cold load those faults
+    wait behind the load's own reads, holding the GIL. The pages then stay mapped in this process, and
+    a cache drop leaves mapped pages alone.
+    """
+    scratch = torch.empty(64, dtype=torch.uint8) if base is None else base
+    if scratch.device in _views_warmed or scratch.numel() < 16:
+        return
+    for dtype in dict.fromkeys(_TORCH_DTYPES.values()):
+        scratch[0 : 2 * dtype.itemsize].view(dtype).view((2, 1))
+    _views_warmed.add(scratch.device)
+
+
 def _relocate(plan: Plan, arena: torch.Tensor) -> None:
     """Move tensors misaligned in their file to their aligned slots (after the read)."""
     for p in plan.placements:
@@ -183,6 +205,7 @@ def load(
     start = time.perf_counter()
     plan = make_plan(resolve_files(checkpoint), GPU_TENSOR_ALIGN if dev.type == "cuda" else 0)
     arena = devices.allocate_arena(plan.arena_size, dev)
+    warm_views(arena)  # a device's first load: its view paths' code paged in before the disk is busy
     tensors: dict[str, torch.Tensor] = {}
     window = readers.ReadWindow()
 
@@ -248,3 +271,6 @@ def iter_tensors(
         read_header(f)
     for f in files:
         yield from load([f], device=device, dtype=dtype).tensors.items()
+
+
+warm_views()  # the views' torch code is paged in at import, while the disk is idle
