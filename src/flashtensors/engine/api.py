@@ -145,8 +145,8 @@ def warm_views(base: torch.Tensor | None = None) -> None:
 
     Run at import for the CPU, and by a load on a device before its reads. After a cache drop, torch's
     code that no process has mapped is read back from disk on its first use: measured on the CPU
-    machine (``benches/probes/viewfaults.py``), a 0.6B checkpoint's 310 views took 53-62 ms and 12-14
-    major faults the first time, 2-5 ms and none once this ran first. Inside a cold load those faults
+    machine (``benches/probes/viewfaults.py``), a 0.6B checkpoint's 310 views took 53-64 ms and 12-14
+    major faults the first time, 2.5-5.7 ms and none once this ran first. Inside a cold load those faults
     wait behind the load's own reads, holding the GIL. The pages then stay mapped in this process, and
     a cache drop leaves mapped pages alone.
     """

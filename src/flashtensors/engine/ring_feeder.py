@@ -261,9 +261,9 @@ def read_through_ring(
     A slot is reused only after the event recorded behind its copy has completed, so a reused staging
     buffer can never leak into a tensor. ``while_reading`` runs on this thread while the first reads
     fly (the load builds its tensor views there). In a process's first load after a cache drop that
-    took 100-240 ms (2-6 ms later: the first use faults torch's code in from the busy disk), and the
-    first copy 62-93 ms where it came first. Built on a helper thread instead, the views left the first
-    loads' reads no faster (``coldwin.py``, H100 machine, 2026-11-28).
+    took 100-240 ms, faulting torch's code in from the disk these reads keep busy, until the engine
+    took the views' paths at import (``api.warm_views``): 2.3-4.7 ms since, and the readers' mean wait
+    between reads fell from 1.3-2.2 ms to 0.04-0.05 ms (``coldwin.py``, H100 machine, 2026-11-28).
 
     Returns:
         The path each region took: "direct", or "buffered" (asked for, or O_DIRECT refused).
