@@ -254,3 +254,18 @@ def test_a_few_bytes_load_after_the_views_warm_up(tmp_path: Path, read_path: str
     assert torch.device("meta") not in api._views_warmed
     path = write(tmp_path / "tiny.safetensors", build([random_spec("b", "U8", (3,), seed=5)]))
     assert_same(load_state_dict(path, read_path=read_path), reference_load(path))
+
+
+def test_views_warm_up_skips_what_it_cannot_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up runs at import, so a view it cannot build (here: wider dtypes over a strided tensor)
+    is skipped rather than raised; the device still counts as warmed."""
+    import torch
+
+    from flashtensors.engine import api
+
+    monkeypatch.setattr(api, "_views_warmed", set())
+    strided = torch.empty(64, dtype=torch.uint8, device="meta")[::2]
+    with pytest.raises(RuntimeError):
+        strided[0:8].view(torch.float32)  # what the warm-up meets for every dtype wider than a byte
+    api.warm_views(strided)
+    assert api._views_warmed == {torch.device("meta")}
