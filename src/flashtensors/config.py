@@ -58,6 +58,15 @@ def _parse_int(text: str) -> int:
         raise ConfigError(f"not an integer: {text!r}") from exc
 
 
+def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """``parse``, with ``auto`` read as 0 (the engine then picks the value per load)."""
+
+    def run(text: str) -> int:
+        return 0 if text.strip().lower() == "auto" else parse(text)
+
+    return run
+
+
 @dataclass(frozen=True)
 class Variable:
     """An environment variable: its name, the Settings field it fills, parser and description."""
@@ -89,7 +98,12 @@ VARIABLES: tuple[Variable, ...] = (
         str,
         "force a read path: auto, direct (O_DIRECT ring), pinned-mmap, buffered",
     ),
-    Variable("FLASH_IO_THREADS", "io_threads", _parse_int, "threads issuing O_DIRECT reads (cold path)"),
+    Variable(
+        "FLASH_IO_THREADS",
+        "io_threads",
+        _auto_or(_parse_int),
+        "threads issuing O_DIRECT reads (cold path); auto (0): 8, or 16 for 4 GiB or more of cold reads",
+    ),
     Variable(
         "FLASH_CPU_THREADS",
         "cpu_threads",
@@ -100,8 +114,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "FLASH_RING_SIZE",
         "ring_size",
-        _parse_size,
-        "bytes of pinned staging ring for the cold path (at most 1G)",
+        _auto_or(_parse_size),
+        "bytes of pinned staging ring (at most 1G); auto (0): two chunks per cold reader, at least 16 chunks",
     ),
     Variable(
         "FLASH_REGISTER_CHUNK",
@@ -134,10 +148,10 @@ class Settings:
     mem_pool_size: int = 8 * GiB
     gpu_memory_utilization: float = 0.9
     read_path: str = "auto"
-    io_threads: int = 8
+    io_threads: int = 0  # 0: by the load's cold bytes (engine.readers.cold_readers)
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
-    ring_size: int = 256 * MiB
+    ring_size: int = 0  # 0: sized by the cold readers, grown as needed (engine.readers.staging_ring)
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8
     resident_fraction: float = 0.9
@@ -152,16 +166,17 @@ class Settings:
             raise ConfigError(f"resident_fraction must be in [0, 1], not {self.resident_fraction}")
         if self.mem_pool_size < 0:
             raise ConfigError("mem_pool_size must not be negative")
-        for name in ("io_threads", "cpu_threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
+        if self.io_threads < 0:
+            raise ConfigError("io_threads must be 0 (auto) or more")
+        if self.cpu_threads < 1:
+            raise ConfigError("cpu_threads must be at least 1")
         if self.warm_ring_threads < 0:
             raise ConfigError("warm_ring_threads must be 0 (pin only) or more")
         if self.chunk_size < 4096 or self.chunk_size % 4096:
             raise ConfigError(f"chunk_size must be a positive multiple of 4096, not {self.chunk_size}")
-        if not 2 * self.chunk_size <= self.ring_size <= GiB:
+        if not 2 * self.chunk_size <= (self.ring_size or 2 * self.chunk_size) <= GiB:
             raise ConfigError(
-                f"ring_size must hold two chunks and be at most 1 GiB (got {self.ring_size}, "
+                f"ring_size must hold two chunks and be at most 1 GiB (got {self.ring_size or 'auto'}, "
                 f"chunk_size {self.chunk_size})"
             )
         if self.register_chunk < MiB or self.register_chunk % 4096:
