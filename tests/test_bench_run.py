@@ -85,6 +85,7 @@ def test_cli_run_on_cpu_checksums_agree_and_peers_are_skipped(
         assert r["checksums"] == ckpt.reference, r["loader"]
         assert r["bytes"] == ckpt.nbytes and r["tensors"] == ckpt.tensors
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0
+        assert set(r["faults"]) == {"major", "minor"} and r["faults"]["minor"] > 0  # it touches new pages
         assert set(r["setup_seconds"]) == {"device", "imports", "prepare"}
     assert {r["cache"] for r in runs if r["scenario"] == "cold"} == {"fadvise"}
     assert all(r["warm_read_bytes"] >= 0 for r in runs if r["scenario"] == "warm")

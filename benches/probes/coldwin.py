@@ -14,7 +14,7 @@ load to cuda:0, with the window of its file reads (``stats.reads``). The first "
 staging ring's first use (faulting its slots in, pinning them, the first copies); later ones find it
 ready. So the steps tell apart a cost of the first use from one of the read loop itself, and the raw
 reads beside them say what the disk did meanwhile."""
-import json, os, subprocess, sys, time
+import json, os, resource, subprocess, sys, time
 
 D = sys.argv[1]
 if sys.argv[2:3] != ["child"]:
@@ -70,6 +70,9 @@ if hasattr(ring_feeder, "RingFeeder"):
     ring_feeder.RingFeeder._take = traced("take", ring_feeder.RingFeeder._take)
     ring_feeder.RingFeeder.__init__ = traced("feeder_init", ring_feeder.RingFeeder.__init__)
 devices.allocate_arena = traced("allocate_arena", devices.allocate_arena)
+for name in ("make_plan", "warm_views", "residency", "resolve_files"):  # before the reads, on this thread
+    if hasattr(api, name):
+        setattr(api, name, traced(name, getattr(api, name)))
 if os.environ.get("VIEWS") == "after":  # the load builds its views after the reads
     api._once = lambda fn: None
 
@@ -90,6 +93,7 @@ for kind in sys.argv[3].split(","):
         continue
     torch.cuda.synchronize()
     reads.clear(); main.clear()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     s = time.perf_counter()
     if os.environ.get("PRIME") == "first":  # the copy path's first use before the load, on the clock
         from flashtensors.engine import streams
@@ -97,13 +101,15 @@ for kind in sys.argv[3].split(","):
     r = api.load(D, device="cuda")
     torch.cuda.synchronize()
     el = time.perf_counter() - s
+    ru2 = resource.getrusage(resource.RUSAGE_SELF)
+    faults = dict(majflt=ru2.ru_majflt - ru.ru_majflt, minflt=ru2.ru_minflt - ru.ru_minflt)
     if getattr(r.stats, "reads", None) is not None:
         first, last = r.stats.reads
     else:  # a tree from before stats.reads (PROBE_SRC): the same window, from the reads timed here
         first, last = min(b for _, b, _ in reads) - s, max(e for _, _, e in reads) - s
     steps.append(dict(kind="ft", s=round(el, 4), GBs=round(total / el / 1e9, 3),
                       reads_GBs=round(total / (last - first) / 1e9, 3),
-                      before_ms=round(first * 1e3, 1), after_ms=round((el - last) * 1e3, 1), **gaps(),
+                      before_ms=round(first * 1e3, 1), after_ms=round((el - last) * 1e3, 1), **gaps(), **faults,
                       main={k: [c, round(t * 1e3, 1), round(x * 1e3, 1)] for k, (c, t, x) in main.items()}))
     del r
 print("COLDWIN " + json.dumps(steps), flush=True)

@@ -167,10 +167,17 @@ def run_load(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(figures)
     else:
         take_details()  # a load made while preparing (hot) is not the timed one
+        before = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         state = LOADERS[spec["loader"]].load(target, device)
         result["bytes"] = resident(state, device)
         result["seconds"] = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        # Page faults on the clock: major ones read code or data back from the disk the load is using.
+        result["faults"] = {
+            "major": after.ru_majflt - before.ru_majflt,
+            "minor": after.ru_minflt - before.ru_minflt,
+        }
         result["tensors"] = len(state)
         result.update(take_details())
     result.update(_memory(device))
