@@ -42,3 +42,12 @@ def test_configure_names_the_keyword(monkeypatch: pytest.MonkeyPatch) -> None:
         ft.configure(warm_ring_threads=-2)
     assert info.value.message == "warm_ring_threads must be 0 (pin only) or more"
     assert ft.configure(warm_ring_threads=0).warm_ring_threads == 0
+
+
+def test_a_setting_that_takes_auto_says_so_when_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_RING_SIZE", "lots")
+    reset_settings()
+    with pytest.raises(ConfigError) as info:
+        get_settings()
+    assert info.value.message.startswith("FLASH_RING_SIZE: not a size: 'lots'")
+    assert info.value.message.endswith(", or auto")

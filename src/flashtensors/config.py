@@ -62,7 +62,12 @@ def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int]:
     """``parse``, with ``auto`` read as 0 (the engine then picks the value per load)."""
 
     def run(text: str) -> int:
-        return 0 if text.strip().lower() == "auto" else parse(text)
+        if text.strip().lower() == "auto":
+            return 0
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.message}, or auto") from exc
 
     return run
 
