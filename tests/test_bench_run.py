@@ -18,10 +18,12 @@ from flashtensors.bench import worker
 from flashtensors.bench.cache import chunks, drop_cache, parallel_read, timed_parallel_read, warm_cache
 from flashtensors.bench.checksum import compare_checksums, digests, tensor_digest
 from flashtensors.bench.limits import limit_for
+from flashtensors.bench.pool import pool
 from flashtensors.bench.report import failures, format_table, summarize
 from flashtensors.bench.runner import (
     DISK,
     RunOptions,
+    engine_settings,
     judge_run,
     resolve_checkpoint,
     rotation,
@@ -67,6 +69,11 @@ def test_cli_run_on_cpu_checksums_agree_and_peers_are_skipped(
     ckpt = resolve_checkpoint(ckpt_dir)
     assert report["checkpoint"]["reference_checksums"] == ckpt.reference
     assert len(ckpt.reference) >= 3
+    assert report["settings"] == engine_settings()  # the FLASH_* variables the workers inherited
+    pooled = {r["scenario"]: r for r in pool([report])}  # `flash bench pool` reads this file as written
+    assert pooled["cold"]["rounds"] == pooled["warm"]["rounds"] == 2
+    assert "of_raw" in pooled["cold"] and "of_raw" not in pooled["warm"]
+    assert pooled["cold"]["peers"]["safetensors"]["rounds"] == 2
     runs, disk_runs = report["runs"], report["disk_runs"]
     # --loaders order is repeat 1's order; repeat 2 starts one further on. In cold the raw disk read
     # is one more member of the rotation.

@@ -133,6 +133,18 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
+def render_table(head: list[str], lines: list[list[str]], markdown: bool = False) -> list[str]:
+    """Rows of cells under a header, as aligned text or as a Markdown table; one string per line."""
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return out + ["| " + " | ".join(cells) + " |" for cells in lines]
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+    return out + [
+        "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in lines
+    ]
+
+
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """The summary as an aligned text table (or a Markdown table)."""
     head = ["scenario", "loader", "median s", "GB/s", "limit", "of limit", "speed-up", "check", "runs"]
@@ -152,13 +164,7 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
                 str(r.get("runs", "")),
             ]
         )
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(cells) + " |" for cells in lines]
-    else:
-        widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
-        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
-        out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in lines]
+    out = render_table(head, lines, markdown)
     notes = [f"  {r['scenario']} {r['loader']}: {r['note']}" for r in rows if r.get("note")]
     if notes:
         out += ["", "notes:", *notes]

@@ -172,6 +172,18 @@ def judge_run(record: dict[str, Any], ckpt: BenchCheckpoint) -> None:
     record["status"] = "FAIL" if bad else "ok"
 
 
+# Not the engine's speed: where the store lives, the daemon's address, tracebacks.
+_NOT_TUNING = ("FLASH_HOME", "FLASH_HOST", "FLASH_DEBUG")
+
+
+def engine_settings() -> dict[str, str]:
+    """The FLASH_* variables set for this run (the workers inherit them), as given: a run with
+    ``FLASH_RING_SIZE=512M`` is then told apart from one with the defaults (``flash bench pool``)."""
+    from flashtensors.config import VARIABLES
+
+    return {v.env: os.environ[v.env] for v in VARIABLES if v.env not in _NOT_TUNING and os.environ.get(v.env)}
+
+
 def run_bench(
     ckpt: BenchCheckpoint,
     options: RunOptions,
@@ -185,7 +197,8 @@ def run_bench(
         progress: called with one line per finished step (the CLI prints it on stderr).
 
     Returns:
-        ``{"checkpoint", "options", "workers", "machine", "limits", "runs", "disk_runs", "skipped"}``,
+        ``{"checkpoint", "options", "settings", "workers", "machine", "limits", "runs", "disk_runs",
+        "skipped"}``,
         which :mod:`flashtensors.bench.report` turns into the table. A worker that crashes or times out
         is that run's ``error``, never an exception here.
 
@@ -207,6 +220,7 @@ def run_bench(
     report: dict[str, Any] = {
         "checkpoint": _describe(ckpt),
         "options": asdict(options),
+        "settings": engine_settings(),
         "workers": {},
         "machine": {},
         "limits": {},

@@ -1,13 +1,15 @@
-"""`flash bench make` and `flash bench run`: reproducible load benchmarks (protocol: BENCH.md)."""
+"""`flash bench make`, `flash bench run` and `flash bench pool`: reproducible load benchmarks (protocol:
+BENCH.md)."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -205,6 +207,47 @@ def run_cmd(
             f"{len(report['failures'])} run(s) returned bytes that differ from the checkpoint files",
             hint="see the FAIL lines above; rerun one loader with `flash bench run DIR --loaders NAME`",
         )
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A `flash bench run --json` file, or a clear error saying what is wrong with it."""
+    hint = "pass files written by `flash bench run ... --json FILE`"
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no such file: {path}", hint=hint) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not a bench report: {exc}", hint=hint) from None
+    if not isinstance(report, dict) or not {"checkpoint", "runs"} <= report.keys():
+        raise ConfigError(f"{path} is not a bench report (no checkpoint or runs)", hint=hint)
+    return report
+
+
+@bench_app.command("pool")
+def pool_cmd(
+    reports: Annotated[list[Path], typer.Argument(help="JSON files written by `flash bench run --json`")],
+    loader: Annotated[str, typer.Option(help="the loader to compare with the raw read and the peers")] = (
+        "flashtensors"
+    ),
+    markdown: Annotated[bool, typer.Option(help="print the table in Markdown (for BENCHMARKS.md)")] = False,
+) -> None:
+    """Pool the rounds of several runs, per shape, scenario and FLASH_* settings.
+
+    Cold: the loader's GB/s over the raw disk read of the same round (median and quartiles).
+
+    Every scenario: each peer's time over the loader's, round by round, and the rounds the loader won.
+
+    The disk moves between rounds more than loaders differ, so ratios within rounds say more.
+    """
+    from flashtensors.bench.pool import format_pool, pool
+
+    rows = pool([read_report(p) for p in reports], loader)
+    if not rows:
+        raise ConfigError(
+            f"no timed run of {loader} in these reports",
+            hint="check --loader against the loaders the runs timed (their tables list them)",
+        )
+    print(format_pool(rows, loader, markdown=markdown))
 
 
 def register(app: typer.Typer) -> None:
