@@ -241,7 +241,7 @@ def warm_resident(device: str) -> None:
     """Run :func:`resident`'s page touch once before the clock, over memory no loader returned.
 
     On CPU it sums one byte per page. After a cache drop, the first such sum in a process read torch's
-    code for it back from the disk, and started torch's CPU threads: 93-99 ms and 17 major faults on
+    code for it back from the disk, and started torch's CPU threads: 91-112 ms and 17-18 major faults on
     this project's CPU machine, charged to every CPU run's clock, while the load itself took 9-11 ms.
     A page of that code mapped by this process stays resident through a later cache drop.
     """

@@ -307,9 +307,11 @@ _rings: dict[tuple[int, int], StagingRing] = {}
 _ring_lock = threading.Lock()
 
 # With io_threads auto (0), a load of this many cold bytes or more gets BIG_READERS readers, a smaller
-# one SMALL_READERS. Measured on the H100 machine's disk (tenth session, 4B and 0.6B against
-# fastsafetensors round by round): 4B with 16 readers and a 512 MiB ring 1.00-1.07x (12 of 15 rounds),
-# with 8 readers 0.96-0.99x; 0.6B no faster with 16.
+# one SMALL_READERS. Measured on the H100 machine's disk against fastsafetensors, round by round: 4B with
+# 16 readers and a 512 MiB ring won 19 of 24 rounds, with 8 readers and 256 MiB 6 of 19; 0.6B no faster
+# with 16. But 8 readers with a 512 MiB ring did as well on 4B (5 of 5) and better on 8B (4 of 4,
+# against 1 of 6 with 16): the ring is what helps (perf-notes, eleventh session; branch
+# next-lease/ring-by-load keeps 8 readers and grows only the ring).
 BIG_LOAD = 4 * 1024**3
 SMALL_READERS, BIG_READERS = 8, 16
 # With ring_size auto (0): two slots per cold reader, and never fewer than this (256 MiB of 16 MiB slots,
