@@ -13,7 +13,7 @@ from flashtensors.errors import ConfigError
     ("env", "value", "field"),
     [
         ("FLASH_WARM_RING_THREADS", "-1", "warm_ring_threads"),
-        ("FLASH_IO_THREADS", "-1", "io_threads"),
+        ("FLASH_IO_THREADS", "0", "io_threads"),
         ("FLASH_CHUNK_SIZE", "1G", "ring_size must hold two chunks"),
     ],
 )

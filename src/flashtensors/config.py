@@ -103,12 +103,7 @@ VARIABLES: tuple[Variable, ...] = (
         str,
         "force a read path: auto, direct (O_DIRECT ring), pinned-mmap, buffered",
     ),
-    Variable(
-        "FLASH_IO_THREADS",
-        "io_threads",
-        _auto_or(_parse_int),
-        "threads issuing O_DIRECT reads (cold path); auto (0): 8, or 16 for 4 GiB or more of cold reads",
-    ),
+    Variable("FLASH_IO_THREADS", "io_threads", _parse_int, "threads issuing O_DIRECT reads (cold path)"),
     Variable(
         "FLASH_CPU_THREADS",
         "cpu_threads",
@@ -120,7 +115,7 @@ VARIABLES: tuple[Variable, ...] = (
         "FLASH_RING_SIZE",
         "ring_size",
         _auto_or(_parse_size),
-        "bytes of pinned staging ring (at most 1G); auto (0): two chunks per cold reader, at least 16 chunks",
+        "pinned staging ring bytes (at most 1G); auto: 2 chunks per cold reader, 4 from 4 GiB of cold reads",
     ),
     Variable(
         "FLASH_REGISTER_CHUNK",
@@ -153,10 +148,10 @@ class Settings:
     mem_pool_size: int = 8 * GiB
     gpu_memory_utilization: float = 0.9
     read_path: str = "auto"
-    io_threads: int = 0  # 0: by the load's cold bytes (engine.readers.cold_readers)
+    io_threads: int = 8
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
-    ring_size: int = 0  # 0: sized by the cold readers, grown as needed (engine.readers.staging_ring)
+    ring_size: int = 0  # 0: sized by the cold readers and bytes, grown as needed (engine.readers.ring_slots)
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8
     resident_fraction: float = 0.9
@@ -171,10 +166,9 @@ class Settings:
             raise ConfigError(f"resident_fraction must be in [0, 1], not {self.resident_fraction}")
         if self.mem_pool_size < 0:
             raise ConfigError("mem_pool_size must not be negative")
-        if self.io_threads < 0:
-            raise ConfigError("io_threads must be 0 (auto) or more")
-        if self.cpu_threads < 1:
-            raise ConfigError("cpu_threads must be at least 1")
+        for name in ("io_threads", "cpu_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
         if self.warm_ring_threads < 0:
             raise ConfigError("warm_ring_threads must be 0 (pin only) or more")
         if self.chunk_size < 4096 or self.chunk_size % 4096:

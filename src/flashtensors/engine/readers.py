@@ -229,8 +229,7 @@ def read_into_host(
     direct: bool,
     window: ReadWindow | None = None,
 ) -> list[str]:
-    """Fill CPU arena regions with positional reads by ``cpu_threads`` threads (:func:`cold_readers`
-    for O_DIRECT reads).
+    """Fill CPU arena regions with positional reads by ``cpu_threads`` (or ``io_threads``) threads.
 
     Returns the path actually used for each region ("direct", or "buffered" where O_DIRECT is refused).
     Every read is noted in ``window``.
@@ -238,7 +237,6 @@ def read_into_host(
     read = window.read if window is not None else pread_full
     base = arena.data_ptr()
     used: list[str] = []
-    direct_threads = cold_readers(settings, sum(r.file_end - r.file_start for r in regions))
     for region in regions:
         fd = open_direct(region.path) if direct else None
         mode = "direct" if fd is not None else "buffered"
@@ -257,7 +255,7 @@ def read_into_host(
                 if got < job.useful:
                     raise shrank(region.path)
 
-            threads = direct_threads if mode == "direct" else settings.cpu_threads
+            threads = settings.io_threads if mode == "direct" else settings.cpu_threads
             try:
                 _run_parallel(work, _jobs(region, fd, settings.chunk_size, mode == "direct"), threads)
             except _DirectRefused:
@@ -306,34 +304,26 @@ class StagingRing:
 _rings: dict[tuple[int, int], StagingRing] = {}
 _ring_lock = threading.Lock()
 
-# With io_threads auto (0), a load of this many cold bytes or more gets BIG_READERS readers, a smaller
-# one SMALL_READERS. Measured on the H100 machine's disk against fastsafetensors, round by round: 4B with
-# 16 readers and a 512 MiB ring won 19 of 24 rounds, with 8 readers and 256 MiB 6 of 19; 0.6B no faster
-# with 16. But 8 readers with a 512 MiB ring did as well on 4B (5 of 5) and better on 8B (4 of 4,
-# against 1 of 6 with 16): the ring is what helps (perf-notes, eleventh session; branch
-# next-lease/ring-by-load keeps 8 readers and grows only the ring).
+# With ring_size auto (0): a load of BIG_LOAD cold bytes or more gets BIG_SLOTS_PER_READER slots per
+# O_DIRECT reader, a smaller one SMALL_SLOTS_PER_READER, never fewer than RING_MIN_SLOTS (256 MiB of 16
+# MiB slots, the earlier fixed default; the warm and buffered paths' readers use the ring too). Measured
+# on the H100 machine against fastsafetensors, round by round (perf-notes, eleventh session): with 8
+# readers, a 512 MiB ring won 4B 5 of 5 rounds (1.07x) and 8B 4 of 4 (1.06x); 256 MiB won 4B 6 of 19
+# (0.98x). 16 readers with 512 MiB did no better (4B 19 of 24, 8B 1 of 6).
 BIG_LOAD = 4 * 1024**3
-SMALL_READERS, BIG_READERS = 8, 16
-# With ring_size auto (0): two slots per cold reader, and never fewer than this (256 MiB of 16 MiB slots,
-# the earlier fixed default; the warm and buffered paths' readers use the ring too).
+SMALL_SLOTS_PER_READER, BIG_SLOTS_PER_READER = 2, 4
 RING_MIN_SLOTS = 16
 
 
-def cold_readers(settings: Settings, nbytes: int) -> int:
-    """O_DIRECT reader threads for a load of ``nbytes`` cold bytes: ``io_threads``, or with auto (0)
-    :data:`SMALL_READERS` below :data:`BIG_LOAD` and :data:`BIG_READERS` from it."""
-    if settings.io_threads:
-        return settings.io_threads
-    return BIG_READERS if nbytes >= BIG_LOAD else SMALL_READERS
-
-
-def ring_slots(settings: Settings, readers: int = 0) -> int:
-    """Slots a staging ring for ``readers`` reader threads needs: ``ring_size`` fixes the count; auto
-    gives two per reader, at least :data:`RING_MIN_SLOTS`, at most 1 GiB of them (two at the least)."""
+def ring_slots(settings: Settings, readers: int = 0, nbytes: int = 0) -> int:
+    """Slots a staging ring needs for ``readers`` reader threads reading ``nbytes``: ``ring_size`` fixes
+    the count; auto gives :data:`SMALL_SLOTS_PER_READER` per reader, :data:`BIG_SLOTS_PER_READER` from
+    :data:`BIG_LOAD` bytes, at least :data:`RING_MIN_SLOTS`, at most 1 GiB of them (two at the least)."""
     if settings.ring_size:
         return max(2, settings.ring_size // settings.chunk_size)
     most = max(2, 1024**3 // settings.chunk_size)
-    return min(most, max(RING_MIN_SLOTS, 2 * readers))
+    per_reader = BIG_SLOTS_PER_READER if nbytes >= BIG_LOAD else SMALL_SLOTS_PER_READER
+    return min(most, max(RING_MIN_SLOTS, per_reader * readers))
 
 
 def ring_is_ready(settings: Settings) -> bool:
@@ -343,15 +333,16 @@ def ring_is_ready(settings: Settings) -> bool:
     return ring is not None and all(slot.pinned for slot in ring.slots)
 
 
-def staging_ring(settings: Settings, readers: int = 0) -> StagingRing:
-    """This process's staging ring, with at least :func:`ring_slots` slots for ``readers``.
+def staging_ring(settings: Settings, readers: int = 0, nbytes: int = 0) -> StagingRing:
+    """This process's staging ring, with at least :func:`ring_slots` slots for ``readers`` reading
+    ``nbytes``.
 
     One ring per process: a new one is allocated when the settings change, or (``ring_size`` auto)
     when a load needs more slots than it has; a smaller load then reuses the larger ring. A load still
     holding a replaced ring keeps it until it is done.
     """
     key = (settings.ring_size, settings.chunk_size)
-    want = ring_slots(settings, readers)
+    want = ring_slots(settings, readers, nbytes)
     with _ring_lock:
         ring = _rings.get(key)
         if ring is None or len(ring.slots) < want:

@@ -23,7 +23,6 @@ from flashtensors.engine.readers import (
     Slot,
     Split,
     StagingRing,
-    cold_readers,
     shrank,
     staging_ring,
     start_gated,
@@ -248,9 +247,10 @@ def read_through_ring(
     window: ReadWindow | None = None,
     while_reading: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Fill GPU arena regions: :func:`~flashtensors.engine.readers.cold_readers` threads (``cpu_threads``
-    for buffered reads) read chunks into the staging ring's slots, and this thread queues each full
-    slot's copy. The ring has two slots per O_DIRECT reader (``ring_size`` auto).
+    """Fill GPU arena regions: ``io_threads`` threads (``cpu_threads`` for buffered reads) read chunks
+    into the staging ring's slots, and this thread queues each full slot's copy. With ``ring_size``
+    auto, the ring has two slots per O_DIRECT reader, four for a load of 4 GiB or more
+    (:func:`~flashtensors.engine.readers.ring_slots`).
 
     Readers make no CUDA call. Measured on the H100 machine (``benches/probes/coldwin.py``, 0.6B): when
     each reader pinned and copied its own slots, a reader spent 1.3-2.3 ms between two reads in a
@@ -271,9 +271,9 @@ def read_through_ring(
         The path each region took: "direct", or "buffered" (asked for, or O_DIRECT refused).
     """
     device = arena.device
+    threads = settings.io_threads if direct else settings.cpu_threads
     nbytes = sum(r.file_end - r.file_start for r in regions)
-    threads = cold_readers(settings, nbytes) if direct else settings.cpu_threads
-    ring = staging_ring(settings, threads if direct else 0)
+    ring = staging_ring(settings, threads, nbytes) if direct else staging_ring(settings)
     claims = Split([(r.file_start, r.file_end) for r in regions])  # all of it from the front, in order
     with torch.cuda.device(device):
         feeder = RingFeeder(ring, claims.front, regions, arena, threads, direct, window)
