@@ -15,6 +15,8 @@ from flashtensors.errors import ConfigError
         ("FLASH_WARM_RING_THREADS", "-1", "warm_ring_threads"),
         ("FLASH_IO_THREADS", "0", "io_threads"),
         ("FLASH_CHUNK_SIZE", "1G", "ring_size must hold two chunks"),
+        ("FLASH_READ_SIZE", "6000", "read_size must be auto or a multiple of 4096"),
+        ("FLASH_READ_SIZE", "32M", "no larger than chunk_size"),
     ],
 )
 def test_an_out_of_range_variable_is_named(
@@ -51,3 +53,10 @@ def test_a_setting_that_takes_auto_says_so_when_refused(monkeypatch: pytest.Monk
         get_settings()
     assert info.value.message.startswith("FLASH_RING_SIZE: not a size: 'lots'")
     assert info.value.message.endswith(", or auto")
+
+
+def test_read_size_takes_auto_and_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    for text, want in (("auto", 0), ("512K", 512 * 1024), ("16M", 16 * 1024 * 1024)):
+        monkeypatch.setenv("FLASH_READ_SIZE", text)
+        reset_settings()
+        assert get_settings().read_size == want

@@ -63,6 +63,19 @@ def test_file_larger_than_ring(ring_file: Path, read_path: str) -> None:
 
 
 @pytest.mark.parametrize("read_path", PATHS)
+def test_ring_reads_chunks_in_pieces(ring_file: Path, tmp_path: Path, read_path: str) -> None:
+    """``read_size`` under the chunk, through the staging ring: cold (O_DIRECT, 16 KiB requests) and warm
+    (the ring's page-cache reads of the tail)."""
+    ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024, read_size=16 * 1024, register_chunk=1024 * 1024)
+    cold = tmp_path / "cold.safetensors"
+    shutil.copyfile(ring_file, cold)
+    want = reference_load(ring_file)
+    if drop_from_cache(cold):
+        assert_same(load_state_dict(cold, device=DEV, read_path=read_path), want, device=DEV)
+    assert_same(load_state_dict(cold, device=DEV, read_path=read_path), want, device=DEV)
+
+
+@pytest.mark.parametrize("read_path", PATHS)
 def test_cold_file_larger_than_ring(ring_file: Path, tmp_path: Path, read_path: str) -> None:
     ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
     cold = tmp_path / "cold.safetensors"

@@ -110,7 +110,14 @@ VARIABLES: tuple[Variable, ...] = (
         _parse_int,
         "threads for buffered reads and host memcpy (warm and CPU paths)",
     ),
-    Variable("FLASH_CHUNK_SIZE", "chunk_size", _parse_size, "bytes per read request"),
+    Variable("FLASH_CHUNK_SIZE", "chunk_size", _parse_size, "bytes per staging slot and per read job"),
+    Variable(
+        "FLASH_READ_SIZE",
+        "read_size",
+        _auto_or(_parse_size),
+        "most bytes per read request; a chunk is read in requests of this size, one after another "
+        "(auto: the whole chunk at once)",
+    ),
     Variable(
         "FLASH_RING_SIZE",
         "ring_size",
@@ -151,6 +158,7 @@ class Settings:
     io_threads: int = 8
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
+    read_size: int = 0  # 0: each chunk in one request
     ring_size: int = 0  # 0: sized by the cold readers and bytes, grown as needed (engine.readers.ring_slots)
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8
@@ -173,6 +181,11 @@ class Settings:
             raise ConfigError("warm_ring_threads must be 0 (pin only) or more")
         if self.chunk_size < 4096 or self.chunk_size % 4096:
             raise ConfigError(f"chunk_size must be a positive multiple of 4096, not {self.chunk_size}")
+        if self.read_size % 4096 or self.read_size > self.chunk_size:
+            raise ConfigError(
+                "read_size must be auto or a multiple of 4096 no larger than chunk_size "
+                f"(got {self.read_size}, chunk_size {self.chunk_size})"
+            )
         if not 2 * self.chunk_size <= (self.ring_size or 2 * self.chunk_size) <= GiB:
             raise ConfigError(
                 f"ring_size must hold two chunks and be at most 1 GiB (got {self.ring_size or 'auto'}, "

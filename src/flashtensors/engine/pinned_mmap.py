@@ -142,7 +142,9 @@ def read_pinned_mmap(
     try:
         cap = settings.register_chunk
         if ring_threads > 0 and split.left > 0 and (split.left >= RING_MIN_BYTES or ring_is_ready(settings)):
-            feeder = RingFeeder(staging_ring(settings), split.back, regions, arena, ring_threads)
+            feeder = RingFeeder(
+                staging_ring(settings), split.back, regions, arena, ring_threads, read_size=settings.read_size
+            )
             cap = min(cap, _RING_PIECE_CAP)
         with torch.cuda.stream(stream):
             first = True
@@ -172,7 +174,8 @@ def read_pinned_mmap(
                 helper.start()
         helper.start()  # nothing was pinned (every region empty, or the probe switched at once)
         if feeder is None and split.left > 0:  # pinning was slow: the ring reads the rest
-            feeder = RingFeeder(staging_ring(settings), split.back, regions, arena, settings.cpu_threads)
+            threads, size = settings.cpu_threads, settings.read_size
+            feeder = RingFeeder(staging_ring(settings), split.back, regions, arena, threads, read_size=size)
         if feeder is not None:
             feeder.finish()
         helper.join()

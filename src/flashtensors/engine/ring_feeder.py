@@ -23,12 +23,13 @@ from flashtensors.engine.readers import (
     Slot,
     Split,
     StagingRing,
+    read_pieces,
     shrank,
     staging_ring,
     start_gated,
 )
 from flashtensors.engine.streams import make_streams, own_side_stream, pooled_stream, prime_copies
-from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
+from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, open_direct, pread_full
 
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
 Claim = Callable[[int], tuple[int, int, int] | None]
@@ -60,8 +61,10 @@ class RingFeeder:
         threads: int,
         direct: bool = False,
         window: ReadWindow | None = None,
+        read_size: int = 0,
     ) -> None:
         self.ring, self.claim, self.regions, self.arena = ring, claim, regions, arena
+        self.read_size = read_size  # most bytes per read request (0: a whole chunk at once)
         self.bytes = [0] * len(regions)  # per region, what went through the ring
         self.modes = ["buffered"] * len(regions)  # per region, "direct" while its O_DIRECT reads work
         self._pread = pread_full if window is None else window.read
@@ -119,12 +122,13 @@ class RingFeeder:
         if self.modes[i] == "direct":
             fd = self._fds[i]
             try:
-                return self._pread(fd, buffer_at(address, align_up(n, DIRECT_ALIGN)), offset)
+                length = align_up(n, DIRECT_ALIGN)
+                return read_pieces(self._pread, fd, address, length, offset, self.read_size)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._fall_back(i, fd)
-        return self._pread(self._fds[i], buffer_at(address, n), offset)
+        return read_pieces(self._pread, self._fds[i], address, n, offset, self.read_size)
 
     def _fall_back(self, i: int, refused: int) -> None:
         """Region ``i``'s filesystem took O_DIRECT at open but refuses the reads: read it through the
@@ -276,7 +280,7 @@ def read_through_ring(
     ring = staging_ring(settings, threads, nbytes) if direct else staging_ring(settings)
     claims = Split([(r.file_start, r.file_end) for r in regions])  # all of it from the front, in order
     with torch.cuda.device(device):
-        feeder = RingFeeder(ring, claims.front, regions, arena, threads, direct, window)
+        feeder = RingFeeder(ring, claims.front, regions, arena, threads, direct, window, settings.read_size)
         try:
             if devices.raw_copies():
                 make_streams(device, 2)  # the feeder's stream, while the first reads are in flight
