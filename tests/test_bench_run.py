@@ -17,7 +17,7 @@ from flashtensors.bench import loaders as loaders_mod
 from flashtensors.bench import worker
 from flashtensors.bench.cache import chunks, drop_cache, parallel_read, timed_parallel_read, warm_cache
 from flashtensors.bench.checksum import compare_checksums, digests, tensor_digest
-from flashtensors.bench.limits import limit_for
+from flashtensors.bench.limits import limit_for, shape_name
 from flashtensors.bench.pool import pool
 from flashtensors.bench.report import failures, format_table, summarize
 from flashtensors.bench.runner import (
@@ -126,13 +126,15 @@ def test_cli_run_on_cpu_checksums_agree_and_peers_are_skipped(
     # The interleaved disk reads: whole files, cache dropped, at the limits step's best thread count;
     # their median is cold's ceiling, and the start-of-run figure stays beside it.
     file_bytes = sum(f.stat().st_size for f in ckpt.files)
-    best = limits["disk"]["best_threads"]
-    assert limits["disk"]["threads"][str(best)] == limits["disk"]["gbps"]
+    best, request = limits["disk"]["best_threads"], limits["disk"]["best_request"]
+    assert limits["disk"]["shapes"][shape_name(best, request)] == limits["disk"]["gbps"]
     for r in disk_runs:
-        assert r["status"] == "ok" and r["bytes"] == file_bytes and r["threads"] == best
+        assert r["status"] == "ok" and r["bytes"] == file_bytes
+        assert r["threads"] == best and r["request"] == request
         assert r["method"] in ("O_DIRECT", "buffered-after-drop") and r["cache_drop"] == "fadvise"
     inter = limits["disk_interleaved"]
-    assert inter["gbps"] == statistics.median(r["gbps"] for r in disk_runs) and inter["threads"] == best
+    assert inter["gbps"] == statistics.median(r["gbps"] for r in disk_runs)
+    assert inter["threads"] == best and inter["request"] == request
     # The summary behind the table: medians, speed-up against safetensors, skipped pairs.
     summary = {(r["scenario"], r["loader"]): r for r in report["summary"]}
     assert summary[("warm", "safetensors")]["speedup"] == 1.0
@@ -427,6 +429,54 @@ def test_header_says_how_hot_loads_got_device_memory(memory: str) -> None:
     ]
     run.pop("hot_memory")  # CPU runs: no device memory to speak of, no line
     assert not [x for x in format_header(report).splitlines() if x.startswith("hot device memory")]
+
+
+def test_header_names_the_disks_best_threads_and_request_size() -> None:
+    """The disk limit's best shape (threads x bytes per request) in the header, for the start-of-run
+    figure and the interleaved reads; files from before request sizes were tried name threads only."""
+    from flashtensors.bench.report import format_header
+
+    report: dict[str, Any] = {
+        "checkpoint": {"directory": "/m", "bytes": 1, "files": ["/m/a.safetensors"], "tensors": 1},
+        "options": {"device": "cuda", "repeat": 3},
+        "runs": [],
+        "limits": {
+            "disk": {
+                "gbps": 2.16,
+                "method": "O_DIRECT",
+                "threads": {"1": 1.7, "4": 1.6, "8": 1.78, "16": 1.6},
+                "shapes": {"1x16M": 1.7, "4x16M": 1.6, "8x16M": 1.78, "16x16M": 1.6, "16x512K": 2.16},
+                "best_threads": 16,
+                "best_request": 512 * 1024,
+            },
+            "disk_interleaved": {
+                "gbps": 2.1,
+                "runs": [2.0, 2.1, 2.2],
+                "threads": 16,
+                "request": 512 * 1024,
+                "method": "O_DIRECT",
+            },
+        },
+    }
+    header = format_header(report)
+    assert "limits (measured first): disk 2.16 GB/s (16x512K)" in header
+    assert "disk between the cold runs: median 2.10 GB/s (2.00 2.10 2.20; 16x512K, O_DIRECT)" in header
+    for key in ("shapes", "best_request"):
+        del report["limits"]["disk"][key]
+    del report["limits"]["disk_interleaved"]["request"]
+    header = format_header(report)
+    assert "disk 2.16 GB/s (8 threads)" in header and "(2.00 2.10 2.20; 16 threads, O_DIRECT)" in header
+
+
+def test_chunks_by_request_size(tmp_path: Path) -> None:
+    f = tmp_path / "a.bin"
+    f.write_bytes(bytes(3 * 4096 + 10))
+    assert chunks([f], size=8192) == [(str(f), 0, 8192), (str(f), 8192, 4096 + 10)]
+    assert chunks([f], limit=8192, size=4096) == [(str(f), 0, 4096), (str(f), 4096, 4096)]
+    assert chunks([f]) == [(str(f), 0, 3 * 4096 + 10)]
+    for bad in (6000, 32 * 1024**2):
+        with pytest.raises(ValueError, match="multiple of 4096"):
+            chunks([f], size=bad)
 
 
 def test_no_limits_still_describes_the_machine(ckpt_dir: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from flashtensors.bench import launcher
 from flashtensors.bench.cache import drop_cache, is_resident, warm_cache
 from flashtensors.bench.launcher import Launcher
-from flashtensors.bench.limits import disk_bandwidth, disk_read
+from flashtensors.bench.limits import disk_bandwidth, disk_read, shape_name
 from flashtensors.bench.report import summarize
 from flashtensors.bench.runner import (
     BenchCheckpoint,
@@ -213,7 +213,9 @@ def test_disk_reads_fall_back_to_buffered_where_o_direct_is_refused(
     NoDirect(monkeypatch, at_open)
     got = disk_read(files, 4, "fadvise")
     assert got["method"] == "buffered-after-drop" and "O_DIRECT refused" in got["note"]
-    assert got["bytes"] == total and got["threads"] == 4
+    assert got["bytes"] == total and got["threads"] == 4 and got["request"] == 16 * 1024**2
     limit = disk_bandwidth(files, total, "fadvise")
     assert limit["method"] == "buffered-after-drop" and set(limit["threads"]) == {"1", "4", "8", "16"}
-    assert limit["gbps"] == limit["threads"][str(limit["best_threads"])]
+    assert set(limit["shapes"]) == {"1x16M", "4x16M", "8x16M", "16x16M", "16x512K"}
+    assert limit["gbps"] == max(limit["shapes"].values())
+    assert limit["gbps"] == limit["shapes"][shape_name(limit["best_threads"], limit["best_request"])]

@@ -59,14 +59,20 @@ def drop_cache(files: Sequence[str | Path], method: str = "auto") -> str:
     return "fadvise"
 
 
-def chunks(files: Sequence[str | Path], limit: int | None = None) -> list[tuple[str, int, int]]:
-    """Split files into ``(path, offset, length)`` reads of :data:`CHUNK` bytes, at most ``limit`` in all."""
+def chunks(
+    files: Sequence[str | Path], limit: int | None = None, size: int = 0
+) -> list[tuple[str, int, int]]:
+    """Split files into ``(path, offset, length)`` reads of ``size`` bytes (0: :data:`CHUNK`, the most
+    :func:`timed_parallel_read` takes), at most ``limit`` in all."""
+    step = size or CHUNK
+    if not 0 < step <= CHUNK or step % 4096:
+        raise ValueError(f"read size must be a multiple of 4096 up to {CHUNK}, not {size}")
     out: list[tuple[str, int, int]] = []
     total = 0
     for path in files:
-        size = os.path.getsize(path)
-        for offset in range(0, size, CHUNK):
-            length = min(CHUNK, size - offset)
+        file_size = os.path.getsize(path)
+        for offset in range(0, file_size, step):
+            length = min(step, file_size - offset)
             if limit is not None and total + length > limit:
                 return out if out else [(str(path), offset, min(length, limit))]
             out.append((str(path), offset, length))

@@ -1,8 +1,8 @@
 """The physical limits a load is compared against, measured on the same files in the same run.
 
-* disk: raw ``O_DIRECT`` reads of the checkpoint, 16 MiB each into huge-page buffers (as our loader
-  reads), best of 1/4/8/16 threads, cache dropped (the runner repeats it between the cold runs, because
-  this virtual disk speeds up on re-reads);
+* disk: raw ``O_DIRECT`` reads of the checkpoint into huge-page buffers (as our loader reads), 16 MiB
+  each with 1/4/8/16 threads and 512 KiB each with 16 threads, the best of them, cache dropped (the
+  runner repeats it between the cold runs, because this virtual disk speeds up on re-reads);
 * page cache: buffered reads of the same bytes once they are cached, best of several thread counts;
 * pinned host->GPU copy of >= 2 GiB, timed with CUDA events (GPU only);
 * pinning the page cache in place: cudaHostRegister of the cached files, one call per file (GPU only).
@@ -21,9 +21,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flashtensors.bench.cache import chunks, drop_cache, timed_parallel_read, warm_cache
+from flashtensors.bench.cache import CHUNK, chunks, drop_cache, timed_parallel_read, warm_cache
 
-DISK_THREADS = (1, 4, 8, 16)
+DISK_THREADS = (1, 4, 8, 16)  # in CHUNK (16 MiB) requests
+# (threads, bytes per request) tried besides: in two leases of the H100 machine (twelfth session), 16
+# threads of 512 KiB requests read the same files 13-21% faster than 8 threads of 16 MiB
+# (benches/probes/cold2.py).
+DISK_SMALL_REQUESTS = ((16, 512 * 1024),)
 PAGE_CACHE_THREADS = (4, 8, 16)
 GiB = 1024**3
 
@@ -37,6 +41,12 @@ def _best_gbps(fn: Any, repeats: int) -> tuple[float, list[float]]:
     return max(figures), figures
 
 
+def shape_name(threads: int, request: int) -> str:
+    """``8x16M``, ``16x512K``: a disk read's threads and bytes per request."""
+    size = f"{request // 1024**2}M" if request % 1024**2 == 0 else f"{request // 1024}K"
+    return f"{threads}x{size}"
+
+
 def disk_read(
     files: Sequence[str | Path],
     threads: int,
@@ -44,8 +54,10 @@ def disk_read(
     *,
     limit: int | None = None,
     direct: bool = True,
+    request: int = CHUNK,
 ) -> dict[str, Any]:
-    """Drop the cache, then read ``files`` (their first ``limit`` bytes) in 16 MiB requests by ``threads``.
+    """Drop the cache, then read ``files`` (their first ``limit`` bytes) in ``request``-byte requests
+    (16 MiB unless told) by ``threads``.
 
     This is one raw disk measurement: the limits step runs it for each thread count, and the cold
     scenario runs it once per repeat, between the loaders, at the best count the limits step found.
@@ -53,20 +65,25 @@ def disk_read(
     Args:
         files: the checkpoint files.
         threads: reader threads.
+        request: bytes per read request (a multiple of 4096, at most 16 MiB).
         cache_drop: how to empty the page cache first (see :func:`drop_cache`).
         limit: read at most this many bytes (None: every byte of every file).
         direct: O_DIRECT reads; where the filesystem refuses them (tmpfs), buffered reads right after
             another cache drop stand in, and ``method`` says so.
 
     Returns:
-        ``{"threads", "method": "O_DIRECT" | "buffered-after-drop", "cache_drop", "bytes", "seconds",
-        "gbps"}``, plus ``note`` when O_DIRECT was refused.
+        ``{"threads", "request", "method": "O_DIRECT" | "buffered-after-drop", "cache_drop", "bytes",
+        "seconds", "gbps"}``, plus ``note`` when O_DIRECT was refused.
 
     Raises:
         OSError: a read failed other than by O_DIRECT being refused.
     """
-    work = chunks(files, limit)
-    out: dict[str, Any] = {"threads": threads, "method": "O_DIRECT" if direct else "buffered-after-drop"}
+    work = chunks(files, limit, request)
+    out: dict[str, Any] = {
+        "threads": threads,
+        "request": request,
+        "method": "O_DIRECT" if direct else "buffered-after-drop",
+    }
     out["cache_drop"] = drop_cache(files, cache_drop)
     try:
         got, seconds = timed_parallel_read(work, threads, direct=direct)
@@ -82,22 +99,29 @@ def disk_read(
 
 
 def disk_bandwidth(files: Sequence[str | Path], limit: int, cache_drop: str = "auto") -> dict[str, Any]:
-    """Raw O_DIRECT read bandwidth of ``files`` (first ``limit`` bytes), best over thread counts.
+    """Raw O_DIRECT read bandwidth of ``files`` (first ``limit`` bytes), best over thread counts in
+    16 MiB requests and over :data:`DISK_SMALL_REQUESTS`.
 
     Returns:
-        ``{"gbps": best, "best_threads": n, "threads": {n: gbps}, "bytes": read, "method": "O_DIRECT" |
-        "buffered-after-drop", "cache_drop": method}``; where the filesystem refuses O_DIRECT (tmpfs),
+        ``{"gbps": best, "best_threads": n, "best_request": bytes, "threads": {n: gbps} (16 MiB
+        requests), "shapes": {"8x16M": gbps, "16x512K": gbps, ...}, "bytes": read, "method": "O_DIRECT"
+        | "buffered-after-drop", "cache_drop": method}``; where the filesystem refuses O_DIRECT (tmpfs),
         buffered reads right after a cache drop stand in and ``method`` says so.
     """
-    result: dict[str, Any] = {"threads": {}}
+    result: dict[str, Any] = {"threads": {}, "shapes": {}}
     direct = True
-    for n in DISK_THREADS:
-        one = disk_read(files, n, cache_drop, limit=limit, direct=direct)
+    best: tuple[float, int, int] | None = None
+    for n, request in [(n, CHUNK) for n in DISK_THREADS] + list(DISK_SMALL_REQUESTS):
+        one = disk_read(files, n, cache_drop, limit=limit, direct=direct, request=request)
         direct = one["method"] == "O_DIRECT"  # refused once: every later count reads buffered too
-        result["threads"][str(n)] = one["gbps"]
+        if request == CHUNK:
+            result["threads"][str(n)] = one["gbps"]
+        result["shapes"][shape_name(n, request)] = one["gbps"]
         result.update({k: one[k] for k in ("method", "cache_drop", "bytes", "note") if k in one})
-    best = max(result["threads"], key=lambda k: result["threads"][k])
-    result.update(gbps=result["threads"][best], best_threads=int(best))
+        if best is None or one["gbps"] > best[0]:
+            best = (one["gbps"], n, request)
+    assert best is not None
+    result.update(gbps=best[0], best_threads=best[1], best_request=best[2])
     return result
 
 

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flashtensors.bench.limits import limit_for
+from flashtensors.bench.limits import limit_for, shape_name
 
 BASELINE = {"cold": "safetensors", "warm": "safetensors", "hot": "safetensors", "e2e": "transformers"}
 
@@ -200,7 +200,9 @@ def format_header(report: dict[str, Any]) -> str:
             parts.append(f"{label} n/a ({entry.get('error', '')})")
             continue
         extra = f" {entry['method']}" if key == "disk" and entry.get("method") != "O_DIRECT" else ""
-        if "threads" in entry:
+        if "best_request" in entry:
+            extra += f" ({shape_name(entry['best_threads'], entry['best_request'])})"
+        elif "threads" in entry:  # runs from before request sizes were tried: 16 MiB requests
             best = max(entry["threads"], key=lambda k: entry["threads"][k])
             extra += f" ({best} threads)"
         parts.append(f"{label} {entry['gbps']:.2f} GB/s{extra}")
@@ -211,7 +213,9 @@ def format_header(report: dict[str, Any]) -> str:
     inter = lim.get("disk_interleaved")
     if inter:
         runs = " ".join(f"{g:.2f}" for g in inter["runs"])
-        how = f"{inter['threads']} threads, {inter['method']}"
+        threads = inter["threads"]
+        how = shape_name(threads, inter["request"]) if "request" in inter else f"{threads} threads"
+        how += f", {inter['method']}"
         lines.append(
             f"disk between the cold runs: median {inter['gbps']:.2f} GB/s ({runs}; {how}); "
             "cold 'of limit' uses this median"

@@ -6,7 +6,7 @@ here: the lent machine's virtual disk reads the same blocks faster each time the
 (1.41 -> 1.85 -> 2.13 GB/s in one minute), so a fixed order would favour whoever runs last.
 
 For the same reason, each cold repeat also holds one raw read of the files (``disk_runs``: cache dropped,
-16 MiB requests, at the thread count the limits step found best), as one more member of the rotation;
+with the threads and request size the limits step found best), as one more member of the rotation;
 the cold ceiling is the median of those reads, not the single figure taken at the start.
 
 Each run's checksums are compared with digests read straight from the files; a mismatch marks it FAIL.
@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashtensors.bench.cache import CACHE_DROP_METHODS
+from flashtensors.bench.cache import CACHE_DROP_METHODS, CHUNK
 from flashtensors.bench.checksum import compare_checksums, pick_names, reference_digests
 from flashtensors.bench.launcher import PRELOAD, START_METHODS, Launcher
+from flashtensors.bench.limits import shape_name
 from flashtensors.bench.loaders import LOADERS, unavailable
 from flashtensors.errors import ConfigError, DeviceError
 from flashtensors.format.safetensors import FileHeader, read_header
@@ -241,12 +242,12 @@ def run_bench(
     launcher = _start_workers(options, _preload(plan, ckpt.directory), report, say)
     try:
         if options.limits:
-            threads = _measure_limits(launcher, base, options, report, say)
+            shape = _measure_limits(launcher, base, options, report, say)
         else:  # the card, torch and date still belong with every figure
-            threads = None
+            shape = None
             got = launcher.run(dict(base, kind="machine"), options.timeout)
             report["machine"] = got.get("machine", {})
-        if threads is not None and "cold" in plan:
+        if shape is not None and "cold" in plan:
             plan["cold"] = [*plan["cold"], DISK]
         if plan.get("e2e"):
             _prime(launcher, base, options, report, say)
@@ -258,7 +259,8 @@ def run_bench(
         ]
         for done, (scenario, rep, member) in enumerate(steps, 1):
             if member == DISK:
-                spec = dict(base, kind="disk", threads=threads)
+                assert shape is not None  # DISK joins the plan only with a disk figure
+                spec = dict(base, kind="disk", threads=shape[0], request=shape[1])
             else:
                 spec = dict(base, kind="load", loader=member, scenario=scenario, names=list(ckpt.names))
             record = launcher.run(spec, options.timeout)
@@ -278,7 +280,8 @@ def run_bench(
         report["limits"]["disk_interleaved"] = {
             "gbps": statistics.median(r["gbps"] for r in read),
             "runs": [r["gbps"] for r in read],
-            "threads": threads,
+            "threads": read[0]["threads"],
+            "request": read[0]["request"],
             "method": read[0]["method"],
         }
     return report
@@ -323,8 +326,9 @@ def _measure_limits(
     options: RunOptions,
     report: dict[str, Any],
     say: Callable[[str], None],
-) -> int | None:
-    """Run the limits step into ``report``; returns the disk's best thread count (None: no disk figure)."""
+) -> tuple[int, int] | None:
+    """Run the limits step into ``report``; returns the disk's best (threads, bytes per request), or
+    None where there is no disk figure."""
     say(
         "measuring limits (disk O_DIRECT, page cache, memcpy"
         + (", pinned H2D, pinning the page cache)" if options.device != "cpu" else ")")
@@ -343,7 +347,10 @@ def _measure_limits(
         return None
     report["limits"], report["machine"] = got["limits"], got["machine"]
     report["workers"]["limits_wall_seconds"] = got["wall_seconds"]
-    return report["limits"].get("disk", {}).get("best_threads")
+    disk = report["limits"].get("disk", {})
+    if disk.get("best_threads") is None:
+        return None
+    return int(disk["best_threads"]), int(disk.get("best_request", CHUNK))
 
 
 def _prime(
@@ -394,7 +401,7 @@ def _progress_line(done: int, total: int, record: dict[str, Any], nbytes: int) -
     gbps = (nbytes if "loader" in record else record["bytes"]) / seconds / 1e9
     line = f"{head}  {seconds:8.3f} s  {gbps:7.2f} GB/s  {record['status']}"
     if "loader" not in record:
-        line += f"  ({record['threads']} threads, {record['method']})"
+        line += f"  ({shape_name(record['threads'], record['request'])}, {record['method']})"
     if record.get("read_paths"):  # flashtensors: which read path its files took
         line += "  (" + ", ".join(sorted(set(record["read_paths"].values())))
         if record.get("reads"):
