@@ -2,6 +2,8 @@
 python cold2.py DIR REPS [NAME,NAME...]  (default: every variant below)
 e.g. the reader count (perf-notes Open 1):
 python cold2.py /root/qwen3-0.6b 3 "ft direct 1t16M,ft direct 4t16M,ft direct 8t16M,ft direct 16t16M,fastsafetensors,raw O_DIRECT 1t,raw O_DIRECT 8t,raw O_DIRECT 16t"
+Names not listed below are read as a grid: "ft NtS" loads with FLASH_IO_THREADS=N FLASH_CHUNK_SIZE=S
+(the ring auto; "ft NtSrR" also FLASH_READ_SIZE=R), "raw NtS" reads with N threads in requests of S bytes (K or M), O_DIRECT.
 """
 import json, os, subprocess, sys, time, statistics
 sys.path.insert(0, "src")
@@ -28,8 +30,23 @@ configs = {
     "raw O_DIRECT 8t": ("raw8", {}),
     "raw O_DIRECT 16t": ("raw16", {}),
 }
+def size(text):
+    return int(text[:-1]) * {"K": 1024, "M": M}[text[-1]]
+
+
+def grid(name):
+    """ "ft 16t2M" or "raw 16t512K" as a config."""
+    kind, spec = name.split()
+    n, s = spec.split("t")
+    s, _, r = s.partition("r")  # "16t16Mr512K": 16 MiB chunks read in 512 KiB requests
+    if kind == "ft":
+        env = dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS=n, FLASH_CHUNK_SIZE=s)
+        return ("ft", {**env, **({"FLASH_READ_SIZE": r} if r else {})})
+    return (f"raw{n}:{size(s)}", {})
+
+
 if len(sys.argv) > 3:
-    configs = {k: configs[k] for k in sys.argv[3].split(",")}
+    configs = {k: configs[k] if k in configs else grid(k) for k in sys.argv[3].split(",")}
 CHILD = r'''
 import os, sys, time, torch
 sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))  # PROBE_SRC: another tree's src, e.g. a branch
@@ -58,8 +75,12 @@ for rep in range(reps):
         kind, env = configs[name]
         drop_cache(files, "drop_caches")
         if kind.startswith("raw"):
-            n = int(kind[3:])
-            s = time.perf_counter(); parallel_read(chunks(files), n, direct=True); el = time.perf_counter() - s
+            n, _, req = kind[3:].partition(":")
+            work = chunks(files)
+            if req:  # requests of req bytes
+                r = int(req)
+                work = [(f, o, min(r, os.path.getsize(f) - o)) for f in files for o in range(0, os.path.getsize(f), r)]
+            s = time.perf_counter(); parallel_read(work, int(n), direct=True); el = time.perf_counter() - s
         else:
             p = subprocess.run([sys.executable, "-c", CHILD, kind, D], env={**os.environ, **env}, capture_output=True, text=True)
             lines = [l for l in p.stdout.splitlines() if l.startswith("T ")]
