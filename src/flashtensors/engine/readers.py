@@ -332,7 +332,9 @@ _ring_lock = threading.Lock()
 # MiB slots, the earlier fixed default; the warm and buffered paths' readers use the ring too). Measured
 # on the H100 machine against fastsafetensors, round by round (perf-notes, eleventh session): with 8
 # readers, a 512 MiB ring won 4B 5 of 5 rounds (1.07x) and 8B 4 of 4 (1.06x); 256 MiB won 4B 6 of 19
-# (0.98x). 16 readers with 512 MiB did no better (4B 19 of 24, 8B 1 of 6).
+# (0.98x). 16 readers with 512 MiB did no better (4B 19 of 24, 8B 1 of 6). Within a load the ring is
+# never short, though (twelfth session, benches/probes/ringwait.py: no reader waited for a slot with 256
+# or 512 MiB), so the 4B rounds may have been noise between calls; the rule stays, as 8B held (7 of 7).
 BIG_LOAD = 4 * 1024**3
 SMALL_SLOTS_PER_READER, BIG_SLOTS_PER_READER = 2, 4
 RING_MIN_SLOTS = 16
