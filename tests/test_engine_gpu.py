@@ -317,15 +317,15 @@ def test_the_ring_reads_a_small_warm_load_only_once_it_is_ready(
     ring_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Below RING_MIN_BYTES a warm load pins only, until this process's ring has its slots pinned."""
-    from flashtensors.engine import readers
+    from flashtensors.engine import staging
 
     _ring_claims_first(monkeypatch, any_size=False)
     ft.configure(register_chunk=1024 * 1024, chunk_size=64 * 1024, ring_size=384 * 1024)  # a new ring
     first = load(ring_file, device=DEV, read_path="pinned-mmap")
     assert set(first.stats.paths.values()) == {"pinned-mmap"}
-    assert not readers.ring_is_ready(ft.get_settings())
+    assert not staging.ring_is_ready(ft.get_settings())
     load(ring_file, device=DEV, read_path="direct")  # 44 chunks through 6 slots: every slot pinned
-    assert readers.ring_is_ready(ft.get_settings())
+    assert staging.ring_is_ready(ft.get_settings())
     second = load(ring_file, device=DEV, read_path="pinned-mmap")
     assert set(second.stats.paths.values()) == {"pinned-mmap+buffered"}
     assert_same(second.tensors, reference_load(ring_file), device=DEV)
@@ -466,7 +466,7 @@ def test_ring_copies_with_and_without_direct_runtime_calls(
 ) -> None:
     """The ring's copies call cudaMemcpyAsync through ctypes (no tensor over a slot); where the runtime
     cannot be called directly they go through torch. The same bytes either way."""
-    from flashtensors.engine import devices, readers
+    from flashtensors.engine import devices, staging
 
     if runtime == "through_torch":
         monkeypatch.setattr(devices._rt(), "lib", None)
@@ -476,7 +476,7 @@ def test_ring_copies_with_and_without_direct_runtime_calls(
     for read_path in ("direct", "buffered"):
         result = load(ring_file, device=DEV, read_path=read_path)
         assert_same(result.tensors, reference_load(ring_file), device=DEV)
-    ring = readers.staging_ring(ft.get_settings())
+    ring = staging.staging_ring(ft.get_settings())
     assert all(slot.pinned for slot in ring.slots)
     assert all((slot.tensor is None) == (runtime == "direct") for slot in ring.slots)
 
@@ -516,7 +516,7 @@ def test_views_error_reaches_the_caller(
 ) -> None:
     """The ring paths build the tensor views while the reads fly: an error there is raised by the load,
     the readers stop, the ring is let go, and the next load is whole."""
-    from flashtensors.engine import api, readers
+    from flashtensors.engine import api, staging
 
     ft.configure(chunk_size=64 * 1024, ring_size=256 * 1024)
 
@@ -527,7 +527,7 @@ def test_views_error_reaches_the_caller(
         m.setattr(api, "_views", broken)
         with pytest.raises(RuntimeError, match="views broke"):
             load(ring_file, device=DEV, read_path=read_path)
-    ring = readers.staging_ring(ft.get_settings())
+    ring = staging.staging_ring(ft.get_settings())
     assert ring.lock.acquire(blocking=False), "the failed load kept the staging ring"
     ring.lock.release()
     again = load(ring_file, device=DEV, read_path=read_path)
@@ -537,16 +537,16 @@ def test_views_error_reaches_the_caller(
 def test_a_big_cold_load_grows_the_auto_ring(ring_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``ring_size`` auto: a load of BIG_LOAD cold bytes or more reads through a ring of four slots per
     reader; a smaller load after it keeps that ring. The bytes are the reference's both times."""
-    from flashtensors.engine import readers
+    from flashtensors.engine import staging
 
-    monkeypatch.setattr(readers, "_rings", {})  # no ring grown by an earlier test
+    monkeypatch.setattr(staging, "_rings", {})  # no ring grown by an earlier test
     settings = ft.configure(chunk_size=64 * 1024)
-    monkeypatch.setattr(readers, "BIG_LOAD", 1)
+    monkeypatch.setattr(staging, "BIG_LOAD", 1)
     big = load(ring_file, device=DEV, read_path="direct")
     assert_same(big.tensors, reference_load(ring_file), device=DEV)
-    ring = readers.staging_ring(settings)
-    assert len(ring.slots) == readers.BIG_SLOTS_PER_READER * settings.io_threads
-    monkeypatch.setattr(readers, "BIG_LOAD", 1 << 60)
+    ring = staging.staging_ring(settings)
+    assert len(ring.slots) == staging.BIG_SLOTS_PER_READER * settings.io_threads
+    monkeypatch.setattr(staging, "BIG_LOAD", 1 << 60)
     small = load(ring_file, device=DEV, read_path="direct")
     assert_same(small.tensors, reference_load(ring_file), device=DEV)
-    assert readers.staging_ring(settings) is ring
+    assert staging.staging_ring(settings) is ring

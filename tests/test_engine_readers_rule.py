@@ -8,7 +8,7 @@ import pytest
 
 import flashtensors as ft
 from flashtensors.config import get_settings, reset_settings
-from flashtensors.engine import readers
+from flashtensors.engine import staging
 
 KiB = 1024
 
@@ -16,7 +16,7 @@ KiB = 1024
 @pytest.fixture
 def no_ring(monkeypatch: pytest.MonkeyPatch) -> None:
     """This process's staging ring forgotten for the test (an earlier test may have grown one)."""
-    monkeypatch.setattr(readers, "_rings", {})
+    monkeypatch.setattr(staging, "_rings", {})
 
 
 def test_auto_is_the_default_and_a_word_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,31 +31,31 @@ def test_auto_is_the_default_and_a_word_in_the_environment(monkeypatch: pytest.M
 
 def test_slots_by_readers_and_cold_bytes() -> None:
     settings = ft.configure(chunk_size=16 * 1024**2)
-    assert readers.ring_slots(settings, 8, readers.BIG_LOAD - 1) == 16  # 256 MiB
-    assert readers.ring_slots(settings, 8, readers.BIG_LOAD) == 32  # 512 MiB
-    assert readers.ring_slots(settings, 2, readers.BIG_LOAD) == readers.RING_MIN_SLOTS
-    assert readers.ring_slots(settings) == readers.RING_MIN_SLOTS  # the warm and buffered paths
-    assert readers.ring_slots(settings, 32, readers.BIG_LOAD) == 64  # 1 GiB, the most
+    assert staging.ring_slots(settings, 8, staging.BIG_LOAD - 1) == 16  # 256 MiB
+    assert staging.ring_slots(settings, 8, staging.BIG_LOAD) == 32  # 512 MiB
+    assert staging.ring_slots(settings, 2, staging.BIG_LOAD) == staging.RING_MIN_SLOTS
+    assert staging.ring_slots(settings) == staging.RING_MIN_SLOTS  # the warm and buffered paths
+    assert staging.ring_slots(settings, 32, staging.BIG_LOAD) == 64  # 1 GiB, the most
 
 
 def test_auto_ring_is_at_most_one_gib() -> None:
     settings = ft.configure(chunk_size=128 * 1024**2)
-    assert readers.ring_slots(settings, 8, readers.BIG_LOAD) == 8  # 1 GiB of 128 MiB slots, not 32
+    assert staging.ring_slots(settings, 8, staging.BIG_LOAD) == 8  # 1 GiB of 128 MiB slots, not 32
 
 
 def test_auto_ring_grows_for_a_big_load_and_keeps_the_largest(no_ring: None) -> None:
     settings = ft.configure(chunk_size=64 * KiB)
-    small = readers.staging_ring(settings, 8, 1)
+    small = staging.staging_ring(settings, 8, 1)
     assert len(small.slots) == 16
-    big = readers.staging_ring(settings, 8, readers.BIG_LOAD)
+    big = staging.staging_ring(settings, 8, staging.BIG_LOAD)
     assert big is not small and len(big.slots) == 32
-    assert readers.staging_ring(settings, 8, 1) is big  # a smaller load reuses the larger ring
-    assert readers.staging_ring(settings) is big  # so do the warm and buffered paths
+    assert staging.staging_ring(settings, 8, 1) is big  # a smaller load reuses the larger ring
+    assert staging.staging_ring(settings) is big  # so do the warm and buffered paths
     assert all(s.offset == i * 64 * KiB for i, s in enumerate(big.slots))
 
 
 def test_a_fixed_ring_size_does_not_grow(no_ring: None) -> None:
     settings = ft.configure(chunk_size=64 * KiB, ring_size=320 * KiB)
-    ring = readers.staging_ring(settings, 8, readers.BIG_LOAD)
+    ring = staging.staging_ring(settings, 8, staging.BIG_LOAD)
     assert len(ring.slots) == 5
-    assert readers.staging_ring(settings, 64, readers.BIG_LOAD) is ring
+    assert staging.staging_ring(settings, 64, staging.BIG_LOAD) is ring

@@ -78,7 +78,7 @@ if os.environ.get("VIEWS") == "after":  # the load builds its views after the re
 
 if os.environ.get("PREFAULT"):  # the staging ring faulted in before the first step (not pinned)
     from flashtensors.config import get_settings
-    from flashtensors.engine.readers import staging_ring
+    from flashtensors.engine.staging import staging_ring
     from flashtensors.engine.sysio import MADV_POPULATE_WRITE
     staging_ring(get_settings()).buffer.mapping.advise(MADV_POPULATE_WRITE)
 

@@ -158,7 +158,7 @@ r = api.load(D, device="cuda")
 torch.cuda.synchronize()
 el = time.perf_counter() - s
 from flashtensors.config import get_settings
-from flashtensors.engine.readers import _rings
+from flashtensors.engine.staging import _rings
 
 ring = next(iter(_rings.values()))
 huge, size = huge_kb(ring.buffer.address)

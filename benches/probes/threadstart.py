@@ -58,7 +58,7 @@ def feeder(mode: str, path: str) -> str:
     import torch
 
     from flashtensors.engine import sysio
-    from flashtensors.engine.readers import StagingRing
+    from flashtensors.engine.staging import StagingRing
     from flashtensors.engine.ring_feeder import RingFeeder
 
     ring = StagingRing.allocate(256 << 20, CH)

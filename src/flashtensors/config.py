@@ -159,7 +159,7 @@ class Settings:
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
     read_size: int = 0  # 0: each chunk in one request
-    ring_size: int = 0  # 0: sized by the cold readers and bytes, grown as needed (engine.readers.ring_slots)
+    ring_size: int = 0  # 0: sized by the cold readers and bytes, grown as needed (engine.staging.ring_slots)
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8
     resident_fraction: float = 0.9

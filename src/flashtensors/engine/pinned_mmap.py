@@ -19,8 +19,9 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import Split, ring_is_ready, staging_ring
+from flashtensors.engine.readers import Split
 from flashtensors.engine.ring_feeder import RingFeeder
+from flashtensors.engine.staging import ring_is_ready, staging_ring
 from flashtensors.engine.streams import side_stream
 from flashtensors.engine.sysio import Mapping, align_up
 

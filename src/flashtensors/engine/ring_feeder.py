@@ -1,4 +1,4 @@
-"""Reading files to the GPU through the staging ring (:mod:`flashtensors.engine.readers`): reader
+"""Reading files to the GPU through the staging ring (:mod:`flashtensors.engine.staging`): reader
 threads fill its slots and make no CUDA call; the thread that owns the feeder pins the slots and queues
 their copies. The cold and buffered read paths (:func:`read_through_ring`) and the warm path's tail
 (:mod:`flashtensors.engine.pinned_mmap`, while that thread pins the head) use it."""
@@ -18,16 +18,8 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import (
-    ReadWindow,
-    Slot,
-    Split,
-    StagingRing,
-    read_pieces,
-    shrank,
-    staging_ring,
-    start_gated,
-)
+from flashtensors.engine.readers import ReadWindow, Split, read_pieces, shrank, start_gated
+from flashtensors.engine.staging import Slot, StagingRing, staging_ring
 from flashtensors.engine.streams import make_streams, own_side_stream, pooled_stream, prime_copies
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, open_direct, pread_full
 
@@ -254,7 +246,7 @@ def read_through_ring(
     """Fill GPU arena regions: ``io_threads`` threads (``cpu_threads`` for buffered reads) read chunks
     into the staging ring's slots, and this thread queues each full slot's copy. With ``ring_size``
     auto, the ring has two slots per O_DIRECT reader, four for a load of 4 GiB or more
-    (:func:`~flashtensors.engine.readers.ring_slots`).
+    (:func:`~flashtensors.engine.staging.ring_slots`).
 
     Readers make no CUDA call. Measured on the H100 machine (``benches/probes/coldwin.py``, 0.6B): when
     each reader pinned and copied its own slots, a reader spent 1.3-2.3 ms between two reads in a

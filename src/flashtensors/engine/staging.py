@@ -1,0 +1,97 @@
+"""The staging ring: pinned host slots that cold and buffered reads fill on their way to a GPU, one ring
+per process, and the rule that sizes it (``ring_size`` auto). Reader threads fill its slots and the
+loading thread copies them (:mod:`flashtensors.engine.ring_feeder`)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from flashtensors.config import Settings
+from flashtensors.engine import devices
+
+
+@dataclass
+class Slot:
+    offset: int  # in the ring's buffer
+    pinned: bool = False  # pinned before its first copy
+    tensor: torch.Tensor | None = None  # only where copies go through torch (no direct runtime calls)
+    event: torch.cuda.Event | None = None
+
+
+@dataclass
+class StagingRing:
+    """Pinned host slots, allocated once per process and reused: pinning fresh memory is slow (1.4 GB/s).
+
+    Reads go into a slot by address. A slot is pinned only before its first copy, by the thread that
+    queues the copies (``buffer.pin``, in :class:`flashtensors.engine.ring_feeder.RingFeeder`): the first
+    reads start without waiting for the ring.
+    """
+
+    slot_size: int
+    buffer: devices.PinnedBuffer
+    slots: list[Slot] = field(default_factory=list)
+    # One load at a time owns the slots; concurrent loads through the ring take turns (they would share
+    # the disk and the copy engine anyway).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def allocate(cls, ring_size: int, slot_size: int) -> StagingRing:
+        count = max(2, ring_size // slot_size)
+        buf = devices.PinnedBuffer(count * slot_size, piece=slot_size)
+        slots = [Slot(i * slot_size) for i in range(count)]
+        return cls(slot_size, buf, slots)
+
+
+_rings: dict[tuple[int, int], StagingRing] = {}
+_ring_lock = threading.Lock()
+
+# With ring_size auto (0): a load of BIG_LOAD cold bytes or more gets BIG_SLOTS_PER_READER slots per
+# O_DIRECT reader, a smaller one SMALL_SLOTS_PER_READER, never fewer than RING_MIN_SLOTS (256 MiB of 16
+# MiB slots, the earlier fixed default; the warm and buffered paths' readers use the ring too). Measured
+# on the H100 machine against fastsafetensors, round by round (perf-notes, eleventh session): with 8
+# readers, a 512 MiB ring won 4B 5 of 5 rounds (1.07x) and 8B 4 of 4 (1.06x); 256 MiB won 4B 6 of 19
+# (0.98x). 16 readers with 512 MiB did no better (4B 19 of 24, 8B 1 of 6). Within a load the ring is
+# never short, though (twelfth session, benches/probes/ringwait.py: no reader waited for a slot with 256
+# or 512 MiB), so the 4B rounds may have been noise between calls; the rule stays, as 8B held (7 of 7).
+BIG_LOAD = 4 * 1024**3
+SMALL_SLOTS_PER_READER, BIG_SLOTS_PER_READER = 2, 4
+RING_MIN_SLOTS = 16
+
+
+def ring_slots(settings: Settings, readers: int = 0, nbytes: int = 0) -> int:
+    """Slots a staging ring needs for ``readers`` reader threads reading ``nbytes``: ``ring_size`` fixes
+    the count; auto gives :data:`SMALL_SLOTS_PER_READER` per reader, :data:`BIG_SLOTS_PER_READER` from
+    :data:`BIG_LOAD` bytes, at least :data:`RING_MIN_SLOTS`, at most 1 GiB of them (two at the least)."""
+    if settings.ring_size:
+        return max(2, settings.ring_size // settings.chunk_size)
+    most = max(2, 1024**3 // settings.chunk_size)
+    per_reader = BIG_SLOTS_PER_READER if nbytes >= BIG_LOAD else SMALL_SLOTS_PER_READER
+    return min(most, max(RING_MIN_SLOTS, per_reader * readers))
+
+
+def ring_is_ready(settings: Settings) -> bool:
+    """Whether this process's staging ring for ``settings`` exists with every slot already pinned."""
+    with _ring_lock:
+        ring = _rings.get((settings.ring_size, settings.chunk_size))
+    return ring is not None and all(slot.pinned for slot in ring.slots)
+
+
+def staging_ring(settings: Settings, readers: int = 0, nbytes: int = 0) -> StagingRing:
+    """This process's staging ring, with at least :func:`ring_slots` slots for ``readers`` reading
+    ``nbytes``.
+
+    One ring per process: a new one is allocated when the settings change, or (``ring_size`` auto)
+    when a load needs more slots than it has; a smaller load then reuses the larger ring. A load still
+    holding a replaced ring keeps it until it is done.
+    """
+    key = (settings.ring_size, settings.chunk_size)
+    want = ring_slots(settings, readers, nbytes)
+    with _ring_lock:
+        ring = _rings.get(key)
+        if ring is None or len(ring.slots) < want:
+            _rings.clear()  # settings changed, or the ring grows: let the old ring go
+            ring = _rings[key] = StagingRing.allocate(want * settings.chunk_size, settings.chunk_size)
+        return ring
