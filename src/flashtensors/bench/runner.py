@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashtensors.bench.cache import CACHE_DROP_METHODS, CHUNK
+from flashtensors.bench.cache import CACHE_DROP_METHODS
 from flashtensors.bench.checksum import compare_checksums, pick_names, reference_digests
 from flashtensors.bench.launcher import PRELOAD, START_METHODS, Launcher
 from flashtensors.bench.limits import shape_name
@@ -350,7 +350,7 @@ def _measure_limits(
     disk = report["limits"].get("disk", {})
     if disk.get("best_threads") is None:
         return None
-    return int(disk["best_threads"]), int(disk.get("best_request", CHUNK))
+    return int(disk["best_threads"]), int(disk["best_request"])
 
 
 def _prime(

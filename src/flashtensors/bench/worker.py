@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from flashtensors.bench.cache import CHUNK, drop_cache, warm_cache
+from flashtensors.bench.cache import drop_cache, warm_cache
 from flashtensors.bench.checksum import digests
 from flashtensors.bench.limits import disk_read, machine_info, measure_limits
 from flashtensors.bench.loaders import (
@@ -206,7 +206,7 @@ def run_limits(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_disk(spec: dict[str, Any]) -> dict[str, Any]:
     """One raw read of every byte of the files, cache dropped first (cold's interleaved disk run)."""
-    request = int(spec.get("request") or CHUNK)
+    request = int(spec["request"])
     return disk_read(spec["files"], int(spec["threads"]), spec.get("cache_drop", "auto"), request=request)
 
 
