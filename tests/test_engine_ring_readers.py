@@ -15,7 +15,7 @@ from flashtensors.engine.devices import host_view
 from flashtensors.engine.plan import make_plan
 from flashtensors.engine.readers import Split
 from flashtensors.engine.ring_feeder import RingFeeder
-from flashtensors.engine.staging import StagingRing
+from flashtensors.engine.staging import Slot, StagingRing
 from flashtensors.engine.sysio import pread_full
 
 KiB = 1024
@@ -24,13 +24,7 @@ KiB = 1024
 class HostFeeder(RingFeeder):
     """The owner copies each full slot into the CPU arena and frees it at once (no CUDA)."""
 
-    def _take(self, item: Any) -> None:
-        if item is None:
-            self._running -= 1
-            return
-        if isinstance(item, BaseException):
-            raise item
-        slot, i, offset, n = item
+    def _copy(self, slot: Slot, i: int, offset: int, n: int) -> None:
         region = self.regions[i]
         dst = region.arena_offset + offset - region.file_start
         self.arena[dst : dst + n].copy_(host_view(self.ring.buffer.address + slot.offset, n))

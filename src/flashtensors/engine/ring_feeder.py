@@ -241,6 +241,11 @@ class RingFeeder:
         if self._stop:
             self._free.put(slot)
             return
+        self._copy(slot, i, offset, n)
+
+    def _copy(self, slot: Slot, i: int, offset: int, n: int) -> None:
+        """Queue the DMA of a full slot (``n`` bytes of region ``i`` from file ``offset``): pin the slot
+        on its first use, record an event behind the copy, and hold the slot until the event completes."""
         if not slot.pinned:
             self.ring.buffer.pin(slot.offset)
             slot.pinned = True
