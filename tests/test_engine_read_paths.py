@@ -10,7 +10,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -132,46 +131,9 @@ def test_unknown_read_path(misaligned_file: Path) -> None:
 
 @pytest.mark.parametrize("read_path", PATHS)
 def test_chunks_read_in_pieces(ring_file: Path, read_path: str) -> None:
-    """``read_size`` under the chunk: each chunk is read in 8 KiB requests (the last one short)."""
+    """``read_size`` under the chunk: the files are read in 8 KiB requests (the last one short)."""
     ft.configure(chunk_size=64 * KiB, ring_size=256 * KiB, read_size=8 * KiB)
     assert_same(load_state_dict(ring_file, read_path=read_path), reference_load(ring_file))
-
-
-def test_read_pieces_requests(tmp_path: Path) -> None:
-    """The requests ``read_pieces`` makes: at most ``piece`` bytes each, in order, stopping at the end of
-    the file; one request when ``piece`` is 0 or covers the length."""
-    from flashtensors.engine.readers import read_pieces
-    from flashtensors.engine.sysio import Mapping, pread_full
-
-    data = os.urandom(5 * 4096 + 100)
-    path = tmp_path / "f.bin"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    buf = Mapping(None, 8 * 4096)
-    try:
-        calls: list[tuple[int, int]] = []
-
-        def read(f: int, view: memoryview, offset: int) -> int:
-            calls.append((offset, len(view)))
-            return pread_full(f, view, offset)
-
-        got = read_pieces(read, fd, buf.address, 8 * 4096, 4096, 2 * 4096)
-        assert got == len(data) - 4096
-        assert calls == [(4096, 8192), (12288, 8192), (20480, 8192)]  # the last one short: the end
-        assert buf_bytes(buf, got) == data[4096:]
-        for piece in (0, 8 * 4096):
-            calls.clear()
-            assert read_pieces(read, fd, buf.address, 3 * 4096, 0, piece) == 3 * 4096
-            assert calls == [(0, 3 * 4096)]
-    finally:
-        os.close(fd)
-        buf.close()
-
-
-def buf_bytes(buf: Any, n: int) -> bytes:
-    from flashtensors.engine.sysio import buffer_at
-
-    return bytes(buffer_at(buf.address, n))
 
 
 def test_tiny_chunks_many_shards(index_dir: Path) -> None:

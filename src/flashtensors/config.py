@@ -115,8 +115,8 @@ VARIABLES: tuple[Variable, ...] = (
         "FLASH_READ_SIZE",
         "read_size",
         _auto_or(_parse_size),
-        "most bytes per read request; a chunk is read in requests of this size, one after another "
-        "(auto: the whole chunk at once)",
+        "bytes per read request; the readers fill a chunk together, its requests taken in file order "
+        "(auto: each reader reads a whole chunk at once)",
     ),
     Variable(
         "FLASH_RING_SIZE",

@@ -67,29 +67,6 @@ class ReadWindow:
                 self.last = ended if self.last is None else max(self.last, ended)
 
 
-def read_pieces(
-    read: Callable[[int, memoryview, int], int], fd: int, address: int, length: int, offset: int, piece: int
-) -> int:
-    """Read ``length`` bytes of ``fd`` at ``offset`` into memory at ``address`` with ``read`` (a
-    ``pread_full``), in requests of at most ``piece`` bytes one after another (0: one request). Stops
-    at the end of the file; returns the bytes read.
-
-    One thread's requests go to the disk one at a time, so the bytes in flight are ``piece`` per
-    thread: a virtual disk may serve many small requests faster than a few large ones (``read_size``).
-    For O_DIRECT, ``piece``, ``length`` and ``offset`` must be multiples of 4 KiB.
-    """
-    if not piece or piece >= length:
-        return read(fd, buffer_at(address, length), offset)
-    done = 0
-    while done < length:
-        n = min(piece, length - done)
-        got = read(fd, buffer_at(address + done, n), offset + done)
-        done += got
-        if got < n:
-            break
-    return done
-
-
 def _jobs(region: FileRegion, fd: int, chunk: int, aligned: bool) -> list[_Job]:
     jobs = []
     off = region.file_start
@@ -268,9 +245,9 @@ def read_into_host(
         try:
 
             def work(job: _Job, mode: str = mode, region: FileRegion = region) -> None:
-                address = base + job.arena_offset
+                view = buffer_at(base + job.arena_offset, job.length)
                 try:
-                    got = read_pieces(read, job.fd, address, job.length, job.file_offset, settings.read_size)
+                    got = read(job.fd, view, job.file_offset)
                 except OSError as exc:
                     if mode == "direct" and exc.errno == 22:
                         raise _DirectRefused() from exc
@@ -280,12 +257,14 @@ def read_into_host(
 
             threads = settings.io_threads if mode == "direct" else settings.cpu_threads
             try:
-                _run_parallel(work, _jobs(region, fd, settings.chunk_size, mode == "direct"), threads)
+                # Requests of read_size (or chunk_size) from one queue: in flight, they cover adjacent bytes.
+                size = settings.read_size or settings.chunk_size
+                _run_parallel(work, _jobs(region, fd, size, mode == "direct"), threads)
             except _DirectRefused:
                 os.close(fd)
                 fd = os.open(region.path, os.O_RDONLY)
                 mode = "buffered"
-                _run_parallel(work, _jobs(region, fd, settings.chunk_size, False), settings.cpu_threads)
+                _run_parallel(work, _jobs(region, fd, size, False), settings.cpu_threads)
         finally:
             os.close(fd)
         used.append(mode)

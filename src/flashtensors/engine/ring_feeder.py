@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,13 +19,25 @@ import torch
 from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import ReadWindow, Split, read_pieces, shrank, start_gated
+from flashtensors.engine.readers import ReadWindow, Split, shrank, start_gated
 from flashtensors.engine.staging import Slot, StagingRing, staging_ring
 from flashtensors.engine.streams import make_streams, own_side_stream, pooled_stream, prime_copies
-from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, open_direct, pread_full
+from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
 Claim = Callable[[int], tuple[int, int, int] | None]
+
+
+@dataclass
+class _Filling:
+    """A slot that several readers fill, piece by piece (``read_size``), with one claimed chunk."""
+
+    slot: Slot
+    region: int
+    offset: int  # the chunk's file offset
+    n: int  # the chunk's bytes
+    taken: int = 0  # bytes handed out as pieces
+    done: int = 0  # bytes read
 
 
 class RingFeeder:
@@ -56,7 +69,9 @@ class RingFeeder:
         read_size: int = 0,
     ) -> None:
         self.ring, self.claim, self.regions, self.arena = ring, claim, regions, arena
-        self.read_size = read_size  # most bytes per read request (0: a whole chunk at once)
+        self.read_size = read_size  # bytes per read request (0: a whole chunk at once)
+        self._fill_lock = threading.Lock()
+        self._fillings: list[_Filling] = []  # slots being filled with pieces left to hand out, oldest first
         self.bytes = [0] * len(regions)  # per region, what went through the ring
         self.modes = ["buffered"] * len(regions)  # per region, "direct" while its O_DIRECT reads work
         self._pread = pread_full if window is None else window.read
@@ -91,6 +106,9 @@ class RingFeeder:
             raise
 
     def _read(self) -> None:
+        if self.read_size and self.read_size < self.ring.slot_size:
+            self._read_shared()
+            return
         try:
             while not self._stop:
                 chunk = self.claim(self.ring.slot_size)
@@ -110,17 +128,75 @@ class RingFeeder:
         finally:
             self._full.put(None)
 
+    def _read_shared(self) -> None:
+        """The readers fill one slot at a time together: each takes the next ``read_size`` piece of the
+        oldest slot with pieces left, in file order, so the requests in flight cover adjacent bytes (as a
+        raw read by that many threads of that request size does); whoever reads a slot's last byte hands
+        it to the owner."""
+        base = self.ring.buffer.address
+        try:
+            while not self._stop:
+                got = self._next_piece()
+                if got is None:
+                    break
+                filling, start, m = got
+                read = self._read_chunk(
+                    filling.region, base + filling.slot.offset + start, filling.offset + start, m
+                )
+                if read < m:
+                    raise shrank(self.regions[filling.region].path)
+                with self._fill_lock:
+                    filling.done += m
+                    full = filling.done == filling.n
+                if full:
+                    self._full.put((filling.slot, filling.region, filling.offset, filling.n))
+        except BaseException as exc:  # handed to the owner, who stops the others
+            self._full.put(exc)
+        finally:
+            self._full.put(None)
+
+    def _next_piece(self) -> tuple[_Filling, int, int] | None:
+        """The next piece to read: (its slot's filling, offset in the slot, bytes); None when nothing is
+        left or the feeder stops. Opens a slot for the next claimed chunk when every open one is taken."""
+        with self._fill_lock:
+            if self._fillings:
+                return self._piece_of(self._fillings[0])
+        slot = self._free.get()  # outside the lock: the owner frees slots while readers wait here
+        with self._fill_lock:
+            if self._stop:
+                self._free.put(slot)
+                return None
+            if self._fillings:  # another reader opened one meanwhile: read that one first
+                self._free.put(slot)
+                return self._piece_of(self._fillings[0])
+            chunk = self.claim(self.ring.slot_size)
+            if chunk is None:
+                self._free.put(slot)
+                return None
+            filling = _Filling(slot, *chunk)
+            self._fillings.append(filling)
+            return self._piece_of(filling)
+
+    def _piece_of(self, filling: _Filling) -> tuple[_Filling, int, int]:
+        """Hand out ``filling``'s next piece (the caller holds ``_fill_lock``); a filling whose pieces
+        are all handed out leaves the open list."""
+        start = filling.taken
+        m = min(self.read_size, filling.n - start)
+        filling.taken += m
+        if filling.taken == filling.n:
+            self._fillings.remove(filling)
+        return filling, start, m
+
     def _read_chunk(self, i: int, address: int, offset: int, n: int) -> int:
         if self.modes[i] == "direct":
             fd = self._fds[i]
             try:
-                length = align_up(n, DIRECT_ALIGN)
-                return read_pieces(self._pread, fd, address, length, offset, self.read_size)
+                return self._pread(fd, buffer_at(address, align_up(n, DIRECT_ALIGN)), offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._fall_back(i, fd)
-        return read_pieces(self._pread, self._fds[i], address, n, offset, self.read_size)
+        return self._pread(self._fds[i], buffer_at(address, n), offset)
 
     def _fall_back(self, i: int, refused: int) -> None:
         """Region ``i``'s filesystem took O_DIRECT at open but refuses the reads: read it through the
@@ -165,6 +241,11 @@ class RingFeeder:
         if self._stop:
             self._free.put(slot)
             return
+        self._copy(slot, i, offset, n)
+
+    def _copy(self, slot: Slot, i: int, offset: int, n: int) -> None:
+        """Queue the DMA of a full slot (``n`` bytes of region ``i`` from file ``offset``): pin the slot
+        on its first use, record an event behind the copy, and hold the slot until the event completes."""
         if not slot.pinned:
             self.ring.buffer.pin(slot.offset)
             slot.pinned = True
