@@ -37,11 +37,17 @@ def size(text):
 def grid(name):
     """ "ft 16t2M" or "raw 16t512K" as a config."""
     kind, spec = name.split()
+    spec, _, pre = spec.partition("!")  # "ft 16t16Mr512K!pre": one untimed load first, then a cache drop
+    spec, _, tree = spec.partition("@")  # "ft 16t16Mr512K@fault_pre": the tree at .probe/fault_pre/src
     n, s = spec.split("t")
     s, _, r = s.partition("r")  # "16t16Mr512K": 16 MiB chunks read in 512 KiB requests
     if kind == "ft":
         env = dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS=n, FLASH_CHUNK_SIZE=s)
-        return ("ft", {**env, **({"FLASH_READ_SIZE": r} if r else {})})
+        env = {**env, **({"FLASH_READ_SIZE": r} if r else {})}
+        env = {**env, **({"PROBE_PRELOAD": "1"} if pre else {})}
+        return ("ft", {**env, **({"PROBE_SRC": f".probe/{tree}/src"} if tree else {})})
+    if kind == "rawc":  # the raw read in a fresh child process, as the loaders run
+        return (f"rawc{n}:{size(s)}", {})
     return (f"raw{n}:{size(s)}", {})
 
 
@@ -56,6 +62,10 @@ torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
 import glob, pathlib
 t = loaders.Target(pathlib.Path(D), tuple(pathlib.Path(f) for f in sorted(glob.glob(D + "/*.safetensors"))))
 fn = {"ft": loaders._flashtensors, "fastsafetensors": loaders._fastsafetensors, "runai": loaders._runai}[name]
+if os.environ.get("PROBE_PRELOAD"):  # as a daemon's later load: ring and streams made, then the cache dropped
+    sd = fn(t, "cuda"); torch.cuda.synchronize(); del sd; torch.cuda.empty_cache()
+    from flashtensors.bench.cache import drop_cache
+    drop_cache(list(t.files), "drop_caches")
 from flashtensors.engine import readers
 win = []
 orig = readers.pread_full
@@ -74,7 +84,15 @@ for rep in range(reps):
     for name in order:
         kind, env = configs[name]
         drop_cache(files, "drop_caches")
-        if kind.startswith("raw"):
+        if kind.startswith("rawc"):
+            n, _, req = kind[4:].partition(":")
+            code = ("import sys, os, time; sys.path.insert(0, 'src'); from flashtensors.bench.cache import parallel_read; "
+                    f"F = {files!r}; r = {int(req)}; "
+                    "w = [(f, o, min(r, os.path.getsize(f) - o)) for f in F for o in range(0, os.path.getsize(f), r)]; "
+                    f"s = time.perf_counter(); parallel_read(w, {int(n)}, direct=True); print('T', time.perf_counter() - s)")
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            el = float([l for l in p.stdout.splitlines() if l.startswith("T ")][-1][2:])
+        elif kind.startswith("raw"):
             n, _, req = kind[3:].partition(":")
             work = chunks(files)
             if req:  # requests of req bytes
