@@ -1,6 +1,9 @@
 """Does the read's destination change O_DIRECT speed? Raw reads of a checkpoint's files by N threads in
 requests of S bytes, in file order from one shared list (as ``cache.timed_parallel_read``), into:
-  fixed   each thread's own S bytes, reused (what the bench's raw limit does)
+  fixed   each thread's own S bytes (4 KiB pages below 2 MiB), reused
+  own     each thread's own 16 MiB of huge pages, each read at its start (the bench's raw limit,
+          cache.timed_parallel_read)
+  ring16M, ring64M, ...  a ring of that size, faulted in up front, as ring
   ring    a 512 MiB ring of huge pages faulted in up front; read k goes to piece k mod ring
   ringnp  the same ring not faulted in (the first reads fault it, as a fresh process's staging ring)
   ringpin the same ring faulted in and registered with cudaHostRegister (as our slots after first use)
@@ -27,11 +30,14 @@ work = [(f, o, min(S, os.path.getsize(f) - o)) for f in files for o in range(0, 
 
 def run(name):
     fds = {f: os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files}
-    if name == "fixed":
-        bufs = [Mapping(None, S, huge=True) for _ in range(N)]
+    size = RING
+    if name in ("fixed", "own"):
+        bufs = [Mapping(None, S if name == "fixed" else 16 * 2**20, huge=True) for _ in range(N)]
         ring = None
     else:
-        ring = Mapping(None, RING, huge=name != "ring4k", populate=name not in ("ringnp", "ringbg", "ringpre"))
+        if name[4:5].isdigit():  # "ring16M"
+            size = int(name[4:-1]) * {"K": 1024, "M": 2**20}[name[-1]]
+        ring = Mapping(None, size, huge=name != "ring4k", populate=name not in ("ringnp", "ringbg", "ringpre"))
         if name == "ring4k":
             ring.advise(14, 0)  # MADV_NOHUGEPAGE
             ring.advise(23, 0)  # MADV_POPULATE_WRITE
@@ -39,7 +45,7 @@ def run(name):
             from flashtensors.engine import devices
             import torch
             torch.cuda.init()
-            devices.host_register(ring.address, RING)
+            devices.host_register(ring.address, size)
     it = iter(enumerate(work))
     lock = threading.Lock()
     def reader(t):
@@ -49,13 +55,13 @@ def run(name):
             if got is None:
                 return
             k, (f, o, n) = got
-            addr = bufs[t].address if ring is None else ring.address + (k * S) % RING
+            addr = bufs[t].address if ring is None else ring.address + (k * S) % size
             want = (n + 4095) & ~4095
             os.preadv(fds[f], [buffer_at(addr, want)], o)
     pool = [threading.Thread(target=reader, args=(t,)) for t in range(N)]
     if name == "ringbg":
         def fault():
-            for off in range(0, RING, 16 * 2**20):
+            for off in range(0, size, 16 * 2**20):
                 ring.advise(23, off, 16 * 2**20)  # MADV_POPULATE_WRITE
         pool.insert(0, threading.Thread(target=fault))
     s = time.perf_counter()
