@@ -1,0 +1,32 @@
+"""Probe trees for the cold-gap probes (perf-notes Open 1 and 2), rebuilt from src each time into .probe/NAME/src (run from the repo root).
+Each is src with one change; cold2.py names them "ft ...@TREE". None is for use: copyfree races.
+  nocopy    a full slot is freed at once, no copy
+  copyfree  the copy is queued, and the slot freed at once without waiting for it (bytes may race)
+  copycdll  cudaMemcpyAsync through a CDLL handle (the GIL let go for the call) instead of PyDLL
+  lean      the shared-slot readers call os.preadv directly: no ReadWindow, no pread_full loop
+"""
+import pathlib, shutil
+
+ROOT = pathlib.Path(".probe")
+FEEDER = "src/flashtensors/engine/ring_feeder.py"
+DEVICES = "src/flashtensors/engine/devices.py"
+COPY_DOC = '''        on its first use, record an event behind the copy, and hold the slot until the event completes."""
+'''
+PATCHES = {
+    "nocopy": [(FEEDER, COPY_DOC, COPY_DOC + "        self._free.put(slot)\n        self.bytes[i] += n\n        return\n")],
+    "copyfree": [(FEEDER, "        self._inflight.append(slot)\n        self.bytes[i] += n\n",
+                  "        self._free.put(slot)  # probe: no wait for the copy\n        self.bytes[i] += n\n")],
+    "copycdll": [(DEVICES, "copy = ctypes.PyDLL(name).cudaMemcpyAsync", "copy = lib.cudaMemcpyAsync")],
+    "lean": [(FEEDER, "                read = self._read_chunk(\n                    filling.region, base + filling.slot.offset + start, filling.offset + start, m\n                )\n",
+              "                read = os.preadv(self._fds[filling.region], [buffer_at(base + filling.slot.offset + start, align_up(m, DIRECT_ALIGN))], filling.offset + start)\n                read = min(read, m)\n")],
+}
+for name, patches in PATCHES.items():
+    tree = ROOT / name
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.copytree("src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for path, old, new in patches:
+        p = tree / path
+        text = p.read_text()
+        assert text.count(old) == 1, (name, path, old[:60])
+        p.write_text(text.replace(old, new))
+    print("made", tree)
