@@ -17,8 +17,8 @@ PATCHES = {
     "copyfree": [(FEEDER, "        self._inflight.append(slot)\n        self.bytes[i] += n\n",
                   "        self._free.put(slot)  # probe: no wait for the copy\n        self.bytes[i] += n\n")],
     "copycdll": [(DEVICES, "copy = ctypes.PyDLL(name).cudaMemcpyAsync", "copy = lib.cudaMemcpyAsync")],
-    "lean": [(FEEDER, "                read = self._read_chunk(\n                    filling.region, base + filling.slot.offset + start, filling.offset + start, m\n                )\n",
-              "                read = os.preadv(self._fds[filling.region], [buffer_at(base + filling.slot.offset + start, align_up(m, DIRECT_ALIGN))], filling.offset + start)\n                read = min(read, m)\n")],
+    "lean": [(FEEDER, "            read = self._read_chunk(\n                filling.region, base + filling.slot.offset + start, filling.offset + start, m\n            )\n",
+              "            read = os.preadv(self._fds[filling.region], [buffer_at(base + filling.slot.offset + start, align_up(m, DIRECT_ALIGN))], filling.offset + start)\n            read = min(read, m)\n")],
 }
 for name, patches in PATCHES.items():
     tree = ROOT / name

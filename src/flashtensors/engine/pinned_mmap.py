@@ -140,12 +140,16 @@ def read_pinned_mmap(
     ring_threads = settings.warm_ring_threads
     stream = side_stream(device, torch.cuda.current_stream(device))
     timed_bytes, timed_seconds = 0, 0.0
+
+    def ring_feeder(threads: int) -> RingFeeder:  # reads the files' tail, from the back, through the ring
+        return RingFeeder(
+            staging_ring(settings), split.back, regions, arena, threads, read_size=settings.read_size
+        )
+
     try:
         cap = settings.register_chunk
         if ring_threads > 0 and split.left > 0 and (split.left >= RING_MIN_BYTES or ring_is_ready(settings)):
-            feeder = RingFeeder(
-                staging_ring(settings), split.back, regions, arena, ring_threads, read_size=settings.read_size
-            )
+            feeder = ring_feeder(ring_threads)
             cap = min(cap, _RING_PIECE_CAP)
         with torch.cuda.stream(stream):
             first = True
@@ -175,8 +179,7 @@ def read_pinned_mmap(
                 helper.start()
         helper.start()  # nothing was pinned (every region empty, or the probe switched at once)
         if feeder is None and split.left > 0:  # pinning was slow: the ring reads the rest
-            threads, size = settings.cpu_threads, settings.read_size
-            feeder = RingFeeder(staging_ring(settings), split.back, regions, arena, threads, read_size=size)
+            feeder = ring_feeder(settings.cpu_threads)
         if feeder is not None:
             feeder.finish()
         helper.join()

@@ -256,9 +256,9 @@ def read_into_host(
                     raise shrank(region.path)
 
             threads = settings.io_threads if mode == "direct" else settings.cpu_threads
+            # Requests of read_size (or chunk_size) from one queue: in flight, they cover adjacent bytes.
+            size = settings.read_size or settings.chunk_size
             try:
-                # Requests of read_size (or chunk_size) from one queue: in flight, they cover adjacent bytes.
-                size = settings.read_size or settings.chunk_size
                 _run_parallel(work, _jobs(region, fd, size, mode == "direct"), threads)
             except _DirectRefused:
                 os.close(fd)

@@ -106,27 +106,33 @@ class RingFeeder:
             raise
 
     def _read(self) -> None:
-        if self.read_size and self.read_size < self.ring.slot_size:
-            self._read_shared()
-            return
+        """A reader thread: whole chunks, or pieces of a shared slot with ``read_size``. An error is
+        handed to the owner, who stops the others; the final None says this reader is done."""
         try:
-            while not self._stop:
-                chunk = self.claim(self.ring.slot_size)
-                if chunk is None:
-                    break
-                i, offset, n = chunk
-                slot = self._free.get()
-                if self._stop:
-                    self._free.put(slot)
-                    break
-                got = self._read_chunk(i, self.ring.buffer.address + slot.offset, offset, n)
-                if got < n:
-                    raise shrank(self.regions[i].path)
-                self._full.put((slot, i, offset, n))
-        except BaseException as exc:  # handed to the owner, who stops the others
+            if self.read_size and self.read_size < self.ring.slot_size:
+                self._read_shared()
+            else:
+                self._read_whole()
+        except BaseException as exc:
             self._full.put(exc)
         finally:
             self._full.put(None)
+
+    def _read_whole(self) -> None:
+        """Each reader claims a chunk and reads it into a slot of its own, in one request."""
+        while not self._stop:
+            chunk = self.claim(self.ring.slot_size)
+            if chunk is None:
+                break
+            i, offset, n = chunk
+            slot = self._free.get()
+            if self._stop:
+                self._free.put(slot)
+                break
+            got = self._read_chunk(i, self.ring.buffer.address + slot.offset, offset, n)
+            if got < n:
+                raise shrank(self.regions[i].path)
+            self._full.put((slot, i, offset, n))
 
     def _read_shared(self) -> None:
         """The readers fill one slot at a time together: each takes the next ``read_size`` piece of the
@@ -134,26 +140,21 @@ class RingFeeder:
         raw read by that many threads of that request size does); whoever reads a slot's last byte hands
         it to the owner."""
         base = self.ring.buffer.address
-        try:
-            while not self._stop:
-                got = self._next_piece()
-                if got is None:
-                    break
-                filling, start, m = got
-                read = self._read_chunk(
-                    filling.region, base + filling.slot.offset + start, filling.offset + start, m
-                )
-                if read < m:
-                    raise shrank(self.regions[filling.region].path)
-                with self._fill_lock:
-                    filling.done += m
-                    full = filling.done == filling.n
-                if full:
-                    self._full.put((filling.slot, filling.region, filling.offset, filling.n))
-        except BaseException as exc:  # handed to the owner, who stops the others
-            self._full.put(exc)
-        finally:
-            self._full.put(None)
+        while not self._stop:
+            got = self._next_piece()
+            if got is None:
+                break
+            filling, start, m = got
+            read = self._read_chunk(
+                filling.region, base + filling.slot.offset + start, filling.offset + start, m
+            )
+            if read < m:
+                raise shrank(self.regions[filling.region].path)
+            with self._fill_lock:
+                filling.done += m
+                full = filling.done == filling.n
+            if full:
+                self._full.put((filling.slot, filling.region, filling.offset, filling.n))
 
     def _next_piece(self) -> tuple[_Filling, int, int] | None:
         """The next piece to read: (its slot's filling, offset in the slot, bytes); None when nothing is
