@@ -116,7 +116,8 @@ VARIABLES: tuple[Variable, ...] = (
         "read_size",
         _auto_or(_parse_size),
         "bytes per read request; the readers fill a chunk together, its requests taken in file order "
-        "(auto: each reader reads a whole chunk at once)",
+        "(auto: 512K for O_DIRECT reads to a GPU, else a whole chunk per request; set it to chunk_size "
+        "for whole chunks everywhere)",
     ),
     Variable(
         "FLASH_RING_SIZE",
@@ -155,10 +156,10 @@ class Settings:
     mem_pool_size: int = 8 * GiB
     gpu_memory_utilization: float = 0.9
     read_path: str = "auto"
-    io_threads: int = 8
+    io_threads: int = 16
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
-    read_size: int = 0  # 0: each chunk in one request
+    read_size: int = 0  # 0 (auto): O_DIRECT ring reads in 512 KiB pieces, others a chunk per request
     ring_size: int = 0  # 0: sized by the cold readers and bytes, grown as needed (engine.staging.ring_slots)
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8

@@ -24,6 +24,12 @@ from flashtensors.engine.staging import Slot, StagingRing, staging_ring
 from flashtensors.engine.streams import make_streams, own_side_stream, pooled_stream, prime_copies
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 
+# With read_size auto, O_DIRECT readers fill each slot together in pieces of this size (whole chunks when
+# a chunk is no larger). Measured on the H100 machine, 4B cold, fresh process per load, 5 rounds with
+# free slots reused last-freed first: 16 readers x 512 KiB pieces 1.86 GB/s (median), 8 readers x
+# whole 16 MiB chunks 1.74, raw 16 x 512 KiB 2.02 (docs/perf-notes.md, fourteenth session).
+DIRECT_PIECE = 512 * 1024
+
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
 Claim = Callable[[int], tuple[int, int, int] | None]
 
@@ -77,7 +83,10 @@ class RingFeeder:
         self._pread = pread_full if window is None else window.read
         self._fallback_lock = threading.Lock()
         self._spare_fds: list[int] = []  # O_DIRECT descriptors replaced by a fallback, closed at the end
-        self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
+        # Last freed, first reused: O_DIRECT reads into a few hot slots beat reads spread over the whole
+        # ring (H100 machine, raw 16 x 512 KiB: 2.16-2.25 GB/s into 8 MiB in all, 1.78-1.84 into rings
+        # of 32-512 MiB; docs/perf-notes.md, fourteenth session).
+        self._free: queue.LifoQueue[Slot] = queue.LifoQueue()
         self._full: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: collections.deque[Slot] = collections.deque()
         self._stop = False
@@ -326,9 +335,10 @@ def read_through_ring(
     while_reading: Callable[[], None] | None = None,
 ) -> list[str]:
     """Fill GPU arena regions: ``io_threads`` threads (``cpu_threads`` for buffered reads) read chunks
-    into the staging ring's slots, and this thread queues each full slot's copy. With ``ring_size``
-    auto, the ring has two slots per O_DIRECT reader, four for a load of 4 GiB or more
-    (:func:`~flashtensors.engine.staging.ring_slots`).
+    into the staging ring's slots, and this thread queues each full slot's copy. With ``read_size``
+    auto, O_DIRECT readers fill one slot at a time together in :data:`DIRECT_PIECE` pieces, buffered
+    readers a whole chunk each. With ``ring_size`` auto, the ring has two slots per O_DIRECT reader,
+    four for a load of 4 GiB or more (:func:`~flashtensors.engine.staging.ring_slots`).
 
     Readers make no CUDA call. Measured on the H100 machine (``benches/probes/coldwin.py``, 0.6B): when
     each reader pinned and copied its own slots, a reader spent 1.3-2.3 ms between two reads in a
@@ -354,7 +364,8 @@ def read_through_ring(
     ring = staging_ring(settings, threads, nbytes) if direct else staging_ring(settings)
     claims = Split([(r.file_start, r.file_end) for r in regions])  # all of it from the front, in order
     with torch.cuda.device(device):
-        feeder = RingFeeder(ring, claims.front, regions, arena, threads, direct, window, settings.read_size)
+        pieces = settings.read_size or (DIRECT_PIECE if direct else 0)
+        feeder = RingFeeder(ring, claims.front, regions, arena, threads, direct, window, pieces)
         try:
             if devices.raw_copies():
                 make_streams(device, 2)  # the feeder's stream, while the first reads are in flight
