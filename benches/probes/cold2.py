@@ -3,7 +3,7 @@ python cold2.py DIR REPS [NAME,NAME...]  (default: every variant below)
 e.g. the reader count (perf-notes Open 1):
 python cold2.py /root/qwen3-0.6b 3 "ft direct 1t16M,ft direct 4t16M,ft direct 8t16M,ft direct 16t16M,fastsafetensors,raw O_DIRECT 1t,raw O_DIRECT 8t,raw O_DIRECT 16t"
 Names not listed below are read as a grid: "ft NtS" loads with FLASH_IO_THREADS=N FLASH_CHUNK_SIZE=S
-(the ring auto; "ft NtSrR" also FLASH_READ_SIZE=R), "raw NtS" reads with N threads in requests of S bytes (K or M), O_DIRECT.
+(the ring auto; "ft NtSrR" also FLASH_READ_SIZE=R; a suffix "sZ" FLASH_RING_SIZE=Z), "raw NtS" reads with N threads in requests of S bytes (K or M), O_DIRECT.
 """
 import json, os, subprocess, sys, time, statistics
 sys.path.insert(0, "src")
@@ -39,12 +39,14 @@ def grid(name):
     kind, spec = name.split()
     spec, _, pre = spec.partition("!")  # "ft 16t16Mr512K!pre": one untimed load first, then a cache drop
     spec, _, tree = spec.partition("@")  # "ft 16t16Mr512K@fault_pre": the tree at .probe/fault_pre/src
+    spec, _, ring = spec.partition("s")  # "ft 16t4Mr512Ks256M": FLASH_RING_SIZE=256M
     n, s = spec.split("t")
     s, _, r = s.partition("r")  # "16t16Mr512K": 16 MiB chunks read in 512 KiB requests
     if kind == "ft":
         env = dict(FLASH_READ_PATH="direct", FLASH_IO_THREADS=n, FLASH_CHUNK_SIZE=s)
         env = {**env, **({"FLASH_READ_SIZE": r} if r else {})}
         env = {**env, **({"PROBE_PRELOAD": "1"} if pre else {})}
+        env = {**env, **({"FLASH_RING_SIZE": ring} if ring else {})}
         return ("ft", {**env, **({"PROBE_SRC": f".probe/{tree}/src"} if tree else {})})
     if kind == "rawc":  # the raw read in a fresh child process, as the loaders run
         return (f"rawc{n}:{size(s)}", {})

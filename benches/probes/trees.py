@@ -3,6 +3,7 @@ Each is src with one change; cold2.py names them "ft ...@TREE". None is for use:
   nocopy    a full slot is freed at once, no copy
   copyfree  the copy is queued, and the slot freed at once without waiting for it (bytes may race)
   copycdll  cudaMemcpyAsync through a CDLL handle (the GIL let go for the call) instead of PyDLL
+  fifo      free slots reused in ring order, first freed first (main before 14th session: LIFO)
   lean      the shared-slot readers call os.preadv directly: no ReadWindow, no pread_full loop
 """
 import pathlib, shutil
@@ -17,6 +18,8 @@ PATCHES = {
     "copyfree": [(FEEDER, "        self._inflight.append(slot)\n        self.bytes[i] += n\n",
                   "        self._free.put(slot)  # probe: no wait for the copy\n        self.bytes[i] += n\n")],
     "copycdll": [(DEVICES, "copy = ctypes.PyDLL(name).cudaMemcpyAsync", "copy = lib.cudaMemcpyAsync")],
+    "fifo": [(FEEDER, "        self._free: queue.LifoQueue[Slot] = queue.LifoQueue()\n",
+              "        self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()\n")],
     "lean": [(FEEDER, "            read = self._read_chunk(\n                filling.region, base + filling.slot.offset + start, filling.offset + start, m\n            )\n",
               "            read = os.preadv(self._fds[filling.region], [buffer_at(base + filling.slot.offset + start, align_up(m, DIRECT_ALIGN))], filling.offset + start)\n            read = min(read, m)\n")],
 }
