@@ -550,3 +550,26 @@ def test_a_big_cold_load_grows_the_auto_ring(ring_file: Path, monkeypatch: pytes
     small = load(ring_file, device=DEV, read_path="direct")
     assert_same(small.tensors, reference_load(ring_file), device=DEV)
     assert staging.staging_ring(settings) is ring
+
+
+def test_cold_reads_go_through_small_slots_of_their_own(
+    ring_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``read_size`` auto, O_DIRECT reads fill slots of at most DIRECT_SLOT, in DIRECT_PIECE pieces,
+    in a ring apart from the ``chunk_size`` ring that buffered reads use; both give the reference's
+    bytes, and neither load replaces the other's ring."""
+    from flashtensors.engine import ring_feeder, staging
+
+    monkeypatch.setattr(staging, "_rings", {})
+    monkeypatch.setattr(staging, "DIRECT_SLOT", 64 * 1024)
+    monkeypatch.setattr(ring_feeder, "DIRECT_PIECE", 16 * 1024)  # four readers' pieces to a slot
+    settings = ft.configure(chunk_size=256 * 1024)
+    cold = load(ring_file, device=DEV, read_path="direct")
+    assert set(cold.stats.paths.values()) == {"direct"}
+    assert_same(cold.tensors, reference_load(ring_file), device=DEV)
+    buffered = load(ring_file, device=DEV, read_path="buffered")
+    assert_same(buffered.tensors, reference_load(ring_file), device=DEV)
+    assert sorted(staging._rings) == [64 * 1024, 256 * 1024]
+    direct_ring = staging._rings[64 * 1024][1]
+    assert any(slot.pinned for slot in direct_ring.slots)  # the cold load's copies came from it
+    assert staging.staging_ring(settings, settings.io_threads, 1, 64 * 1024) is direct_ring

@@ -59,3 +59,29 @@ def test_a_fixed_ring_size_does_not_grow(no_ring: None) -> None:
     ring = staging.staging_ring(settings, 8, staging.BIG_LOAD)
     assert len(ring.slots) == 5
     assert staging.staging_ring(settings, 64, staging.BIG_LOAD) is ring
+
+
+def test_direct_reads_get_small_slots_only_with_read_size_auto() -> None:
+    assert staging.direct_slot_size(ft.configure(chunk_size=16 * 1024**2)) == staging.DIRECT_SLOT
+    assert staging.direct_slot_size(ft.configure(chunk_size=1024**2)) == 1024**2  # never above chunk_size
+    settings = ft.configure(chunk_size=16 * 1024**2, read_size=512 * KiB)  # the user's sizes stand
+    assert staging.direct_slot_size(settings) == 16 * 1024**2
+
+
+def test_the_direct_ring_and_the_chunk_ring_live_side_by_side(no_ring: None) -> None:
+    settings = ft.configure(chunk_size=16 * 1024**2)
+    direct = staging.staging_ring(settings, 16, 1, staging.direct_slot_size(settings))
+    buffered = staging.staging_ring(settings)
+    assert (direct.slot_size, buffered.slot_size) == (staging.DIRECT_SLOT, 16 * 1024**2)
+    assert len(direct.slots) == 32  # two per reader, of 4 MiB
+    # a warm load after a cold one (and the other way round) keeps the other's ring and its pinned slots
+    assert staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT) is direct
+    assert staging.staging_ring(settings) is buffered
+    # new settings let go of the ring whose slots they no longer use, and only that one
+    settings = ft.configure(chunk_size=8 * 1024**2)
+    assert staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT) is direct
+    assert staging.staging_ring(settings).slot_size == 8 * 1024**2
+    assert sorted(staging._rings) == [staging.DIRECT_SLOT, 8 * 1024**2]
+    settings = ft.configure(chunk_size=8 * 1024**2, ring_size=64 * 1024**2)  # a fixed size: new rings
+    fixed = staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT)
+    assert fixed is not direct and len(fixed.slots) == 16

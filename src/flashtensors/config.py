@@ -116,8 +116,8 @@ VARIABLES: tuple[Variable, ...] = (
         "read_size",
         _auto_or(_parse_size),
         "bytes per read request; the readers fill a chunk together, its requests taken in file order "
-        "(auto: 512K for O_DIRECT reads to a GPU, else a whole chunk per request; set it to chunk_size "
-        "for whole chunks everywhere)",
+        "(auto: 512K for O_DIRECT reads to a GPU, into 4 MiB slots, else a whole chunk per request; "
+        "set it to chunk_size for whole chunks everywhere)",
     ),
     Variable(
         "FLASH_RING_SIZE",
@@ -159,7 +159,7 @@ class Settings:
     io_threads: int = 16
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
-    read_size: int = 0  # 0 (auto): O_DIRECT ring reads in 512 KiB pieces, others a chunk per request
+    read_size: int = 0  # 0 (auto): O_DIRECT ring reads in 512 KiB pieces, 4 MiB slots; others a chunk each
     ring_size: int = 0  # 0: sized by the cold readers and bytes, grown as needed (engine.staging.ring_slots)
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8

@@ -20,7 +20,7 @@ from flashtensors.config import Settings
 from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
 from flashtensors.engine.readers import ReadWindow, Split, shrank, start_gated
-from flashtensors.engine.staging import Slot, StagingRing, staging_ring
+from flashtensors.engine.staging import Slot, StagingRing, direct_slot_size, staging_ring
 from flashtensors.engine.streams import make_streams, own_side_stream, pooled_stream, prime_copies
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 
@@ -336,9 +336,10 @@ def read_through_ring(
 ) -> list[str]:
     """Fill GPU arena regions: ``io_threads`` threads (``cpu_threads`` for buffered reads) read chunks
     into the staging ring's slots, and this thread queues each full slot's copy. With ``read_size``
-    auto, O_DIRECT readers fill one slot at a time together in :data:`DIRECT_PIECE` pieces, buffered
-    readers a whole chunk each. With ``ring_size`` auto, the ring has two slots per O_DIRECT reader,
-    four for a load of 4 GiB or more (:func:`~flashtensors.engine.staging.ring_slots`).
+    auto, O_DIRECT readers fill one slot of at most 4 MiB at a time together in :data:`DIRECT_PIECE`
+    pieces (a ring of its own, :func:`~flashtensors.engine.staging.direct_slot_size`), buffered readers
+    a whole chunk each. With ``ring_size`` auto, the ring has two slots per O_DIRECT reader, four for a
+    load of 4 GiB or more (:func:`~flashtensors.engine.staging.ring_slots`).
 
     Readers make no CUDA call. Measured on the H100 machine (``benches/probes/coldwin.py``, 0.6B): when
     each reader pinned and copied its own slots, a reader spent 1.3-2.3 ms between two reads in a
@@ -361,7 +362,10 @@ def read_through_ring(
     device = arena.device
     threads = settings.io_threads if direct else settings.cpu_threads
     nbytes = sum(r.file_end - r.file_start for r in regions)
-    ring = staging_ring(settings, threads, nbytes) if direct else staging_ring(settings)
+    if direct:
+        ring = staging_ring(settings, threads, nbytes, direct_slot_size(settings))
+    else:
+        ring = staging_ring(settings)
     claims = Split([(r.file_start, r.file_end) for r in regions])  # all of it from the front, in order
     with torch.cuda.device(device):
         pieces = settings.read_size or (DIRECT_PIECE if direct else 0)

@@ -45,8 +45,18 @@ class StagingRing:
         return cls(slot_size, buf, slots)
 
 
-_rings: dict[tuple[int, int], StagingRing] = {}
+# Per slot size: (the ring_size setting it was made for, the ring). At most two: the ring of chunk_size
+# slots (buffered reads, a warm load's tail) and that of the O_DIRECT path's slots (direct_slot_size).
+_rings: dict[int, tuple[int, StagingRing]] = {}
 _ring_lock = threading.Lock()
+
+# With read_size auto, O_DIRECT reads go through slots of at most this size (512 KiB pieces, ring_feeder.
+# DIRECT_PIECE). Measured on the H200 machine, 4B cold, a fresh process per load, 5 rounds: slots of
+# 4 MiB 2.06 GB/s (median), 16 MiB 1.92, ahead in 5 of 5 rounds; a load used 7 slots of 4 MiB (28 MiB)
+# against 3 of 16 MiB (48 MiB). Raw 16 x 512 KiB reads into a 4 MiB ring ran 2.54, into a 16 MiB ring
+# 2.02: on these machines' virtual disks, reads that land in less memory are faster (docs/perf-notes.md,
+# fourteenth and fifteenth sessions).
+DIRECT_SLOT = 4 * 1024**2
 
 # With ring_size auto (0): a load of BIG_LOAD cold bytes or more gets BIG_SLOTS_PER_READER slots per
 # O_DIRECT reader, a smaller one SMALL_SLOTS_PER_READER, never fewer than RING_MIN_SLOTS (256 MiB of 16
@@ -63,37 +73,51 @@ SMALL_SLOTS_PER_READER, BIG_SLOTS_PER_READER = 2, 4
 RING_MIN_SLOTS = 16
 
 
-def ring_slots(settings: Settings, readers: int = 0, nbytes: int = 0) -> int:
-    """Slots a staging ring needs for ``readers`` reader threads reading ``nbytes``: ``ring_size`` fixes
-    the count; auto gives :data:`SMALL_SLOTS_PER_READER` per reader, :data:`BIG_SLOTS_PER_READER` from
-    :data:`BIG_LOAD` bytes, at least :data:`RING_MIN_SLOTS`, at most 1 GiB of them (two at the least)."""
+def direct_slot_size(settings: Settings) -> int:
+    """The slot size of O_DIRECT reads through the ring: at most :data:`DIRECT_SLOT` with ``read_size``
+    auto, else ``chunk_size`` (a ``read_size`` set by the user keeps the slots of ``chunk_size``)."""
+    return settings.chunk_size if settings.read_size else min(settings.chunk_size, DIRECT_SLOT)
+
+
+def ring_slots(settings: Settings, readers: int = 0, nbytes: int = 0, slot_size: int = 0) -> int:
+    """Slots of ``slot_size`` (0: ``chunk_size``) a staging ring needs for ``readers`` reader threads
+    reading ``nbytes``: ``ring_size`` fixes the count; auto gives :data:`SMALL_SLOTS_PER_READER` per
+    reader, :data:`BIG_SLOTS_PER_READER` from :data:`BIG_LOAD` bytes, at least :data:`RING_MIN_SLOTS`,
+    at most 1 GiB of them (two at the least)."""
+    slot_size = slot_size or settings.chunk_size
     if settings.ring_size:
-        return max(2, settings.ring_size // settings.chunk_size)
-    most = max(2, 1024**3 // settings.chunk_size)
+        return max(2, settings.ring_size // slot_size)
+    most = max(2, 1024**3 // slot_size)
     per_reader = BIG_SLOTS_PER_READER if nbytes >= BIG_LOAD else SMALL_SLOTS_PER_READER
     return min(most, max(RING_MIN_SLOTS, per_reader * readers))
 
 
 def ring_is_ready(settings: Settings) -> bool:
-    """Whether this process's staging ring for ``settings`` exists with every slot already pinned."""
+    """Whether this process's staging ring of ``chunk_size`` slots (the warm and buffered paths') exists
+    with every slot already pinned."""
     with _ring_lock:
-        ring = _rings.get((settings.ring_size, settings.chunk_size))
-    return ring is not None and all(slot.pinned for slot in ring.slots)
+        made_for, ring = _rings.get(settings.chunk_size, (-1, None))
+    return ring is not None and made_for == settings.ring_size and all(s.pinned for s in ring.slots)
 
 
-def staging_ring(settings: Settings, readers: int = 0, nbytes: int = 0) -> StagingRing:
-    """This process's staging ring, with at least :func:`ring_slots` slots for ``readers`` reading
-    ``nbytes``.
+def staging_ring(settings: Settings, readers: int = 0, nbytes: int = 0, slot_size: int = 0) -> StagingRing:
+    """This process's staging ring of ``slot_size`` slots (0: ``chunk_size``), with at least
+    :func:`ring_slots` of them for ``readers`` reading ``nbytes``.
 
-    One ring per process: a new one is allocated when the settings change, or (``ring_size`` auto)
-    when a load needs more slots than it has; a smaller load then reuses the larger ring. A load still
-    holding a replaced ring keeps it until it is done.
+    One ring per slot size, and only for the two sizes that ``settings`` use (``chunk_size`` and
+    :func:`direct_slot_size`; one ring where they are equal): a ring is allocated when the settings
+    change, or (``ring_size`` auto) when a load needs more slots than it has; a smaller load then
+    reuses the larger ring. A load still holding a replaced ring keeps it until it is done.
     """
-    key = (settings.ring_size, settings.chunk_size)
-    want = ring_slots(settings, readers, nbytes)
+    slot_size = slot_size or settings.chunk_size
+    want = ring_slots(settings, readers, nbytes, slot_size)
     with _ring_lock:
-        ring = _rings.get(key)
+        keep = {settings.chunk_size, direct_slot_size(settings)}
+        for size, (made_for, _) in list(_rings.items()):
+            if size not in keep or made_for != settings.ring_size:
+                del _rings[size]  # settings changed: let the old ring go
+        ring = _rings[slot_size][1] if slot_size in _rings else None
         if ring is None or len(ring.slots) < want:
-            _rings.clear()  # settings changed, or the ring grows: let the old ring go
-            ring = _rings[key] = StagingRing.allocate(want * settings.chunk_size, settings.chunk_size)
+            ring = StagingRing.allocate(want * slot_size, slot_size)  # new, or grown
+            _rings[slot_size] = (settings.ring_size, ring)
         return ring
