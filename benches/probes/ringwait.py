@@ -160,7 +160,7 @@ el = time.perf_counter() - s
 from flashtensors.config import get_settings
 from flashtensors.engine.staging import _rings
 
-ring = next(iter(_rings.values()))
+ring = next(iter(_rings.values()))[1]
 huge, size = huge_kb(ring.buffer.address)
 rs = sorted(reads, key=lambda x: x[2])
 first_b, last_e = rs[0][2], max(x[3] for x in rs)

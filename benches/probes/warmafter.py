@@ -21,7 +21,7 @@ cold = load(D, device="cuda", read_path="direct")
 torch.cuda.synchronize()
 print(f"cold {cold.stats.gbps:.2f} GB/s {sorted(set(cold.stats.paths.values()))}", flush=True)
 del cold
-rings = list(staging._rings.values())
+rings = [r[1] if isinstance(r, tuple) else r for r in staging._rings.values()]  # (made for, ring) since s15
 pinned = [sum(s.pinned for s in r.slots) for r in rings]
 print(f"ring slots pinned {pinned} of {[len(r.slots) for r in rings]}; ready {staging.ring_is_ready(get_settings())}")
 for f in files:  # into the page cache, sequentially (2 MiB folios)
