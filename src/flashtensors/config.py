@@ -110,7 +110,12 @@ VARIABLES: tuple[Variable, ...] = (
         _parse_int,
         "threads for buffered reads and host memcpy (warm and CPU paths)",
     ),
-    Variable("FLASH_CHUNK_SIZE", "chunk_size", _parse_size, "bytes per staging slot and per read job"),
+    Variable(
+        "FLASH_CHUNK_SIZE",
+        "chunk_size",
+        _parse_size,
+        "bytes per staging slot and per read job (O_DIRECT reads with read_size auto: slots of at most 4M)",
+    ),
     Variable(
         "FLASH_READ_SIZE",
         "read_size",
@@ -123,7 +128,8 @@ VARIABLES: tuple[Variable, ...] = (
         "FLASH_RING_SIZE",
         "ring_size",
         _auto_or(_parse_size),
-        "pinned staging ring bytes (at most 1G); auto: 2 chunks per cold reader, 4 from 4 GiB of cold reads",
+        "pinned staging ring bytes, per slot size in use (at most 1G); auto: 2 slots per cold reader, 4 "
+        "from 4 GiB of cold reads",
     ),
     Variable(
         "FLASH_REGISTER_CHUNK",

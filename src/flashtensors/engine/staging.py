@@ -68,6 +68,8 @@ DIRECT_SLOT = 4 * 1024**2
 # or 512 MiB), so the 4B rounds may have been noise between calls; the rule stays, as 8B held (7 of 7).
 # Since the fourteenth session the readers take the slot freed last, so a load uses only the few slots
 # its copies keep releasing (peak RSS +35-68 MiB with a 1 GiB ring): the size bounds what a load may use.
+# Since the fifteenth session O_DIRECT reads use slots of DIRECT_SLOT (4 MiB) in a ring of their own:
+# with 16 readers it is 128 MiB, 256 MiB from BIG_LOAD.
 BIG_LOAD = 4 * 1024**3
 SMALL_SLOTS_PER_READER, BIG_SLOTS_PER_READER = 2, 4
 RING_MIN_SLOTS = 16
