@@ -85,3 +85,16 @@ def test_the_direct_ring_and_the_chunk_ring_live_side_by_side(no_ring: None) -> 
     settings = ft.configure(chunk_size=8 * 1024**2, ring_size=64 * 1024**2)  # a fixed size: new rings
     fixed = staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT)
     assert fixed is not direct and len(fixed.slots) == 16
+
+
+def test_the_ring_is_ready_only_with_every_slot_pinned_under_the_same_settings(no_ring: None) -> None:
+    settings = ft.configure(chunk_size=64 * KiB, ring_size=256 * KiB)
+    assert not staging.ring_is_ready(settings)  # no ring yet
+    ring = staging.staging_ring(settings)
+    assert not staging.ring_is_ready(settings)
+    for slot in ring.slots:
+        slot.pinned = True  # as the feeder marks a slot once it has pinned it
+    assert staging.ring_is_ready(settings)
+    assert not staging.ring_is_ready(ft.configure(chunk_size=64 * KiB, ring_size=512 * KiB))  # not its ring
+    direct = staging.staging_ring(settings, 16, 1, staging.direct_slot_size(settings))
+    assert direct is ring  # chunks of 64 KiB: the O_DIRECT reads share the one ring
