@@ -60,10 +60,13 @@ free_waits = []  # reader waits for a free slot, seconds
 
 
 class TimedQueue:
-    """queue.SimpleQueue whose blocking get() is timed per calling thread."""
+    """queue.SimpleQueue (or, as ``TimedLifo``, the free slots' LifoQueue) whose blocking get() is timed
+    per calling thread."""
+
+    base = queue.SimpleQueue
 
     def __init__(self):
-        self.q = queue.SimpleQueue()
+        self.q = self.base()
 
     def put(self, item):
         self.q.put(item)
@@ -86,8 +89,13 @@ class TimedQueue:
         return item
 
 
+class TimedLifo(TimedQueue):
+    base = queue.LifoQueue
+
+
 class Shim:
     SimpleQueue = TimedQueue
+    LifoQueue = TimedLifo
     Empty = queue.Empty
 
 

@@ -22,5 +22,5 @@ r = load(D, device="cuda", read_path="direct")
 torch.cuda.synchronize()
 for _, ring in staging._rings.values():
     used = sum(s.pinned for s in ring.slots)
-    print(f"SLOTS {ring.slot_size // 2**20} MiB slots: used {used} of {len(ring.slots)} = "
+    print(f"SLOTS {ring.slot_size // 1024} KiB slots: used {used} of {len(ring.slots)} = "
           f"{used * ring.slot_size / 2**20:.0f} MiB; {r.stats.gbps:.2f} GB/s", flush=True)

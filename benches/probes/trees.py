@@ -5,6 +5,9 @@ Each is src with one change; cold2.py names them "ft ...@TREE". None is for use:
   copycdll  cudaMemcpyAsync through a CDLL handle (the GIL let go for the call) instead of PyDLL
   fifo      free slots reused in ring order, first freed first (main before 14th session: LIFO)
   lean      the shared-slot readers call os.preadv directly: no ReadWindow, no pread_full loop
+  ownspot   whole-chunk readers (chunk_size at most the direct slot, e.g. FLASH_CHUNK_SIZE=512K) each keep
+            one slot of their own and wait for its copy before the next read, so the reads land in as
+            many places as there are readers, as the raw read's do (sixteenth session, perf-notes Open 1)
 """
 import pathlib, shutil
 
@@ -13,6 +16,8 @@ FEEDER = "src/flashtensors/engine/ring_feeder.py"
 DEVICES = "src/flashtensors/engine/devices.py"
 COPY_DOC = '''        on its first use, record an event behind the copy, and hold the slot until the event completes."""
 '''
+OWN_OLD = '            slot = self._free.get()\n            if self._stop:\n                self._free.put(slot)\n                break\n            got = self._read_chunk(i, self.ring.buffer.address + slot.offset, offset, n)\n            if got < n:\n                raise shrank(self.regions[i].path)\n            self._full.put((slot, i, offset, n))\n'
+OWN_NEW = '            got = self._read_chunk(i, self.ring.buffer.address + slot.offset, offset, n)\n            if got < n:\n                raise shrank(self.regions[i].path)\n            self._full.put((slot, i, offset, n))\n            slot = home.get()  # probe: the same place again, once its copy is done\n        slot.home = None\n        self._free.put(slot)\n'
 PATCHES = {
     "nocopy": [(FEEDER, COPY_DOC, COPY_DOC + "        self._free.put(slot)\n        self.bytes[i] += n\n        return\n")],
     "copyfree": [(FEEDER, "        self._inflight.append(slot)\n        self.bytes[i] += n\n",
@@ -20,6 +25,29 @@ PATCHES = {
     "copycdll": [(DEVICES, "copy = ctypes.PyDLL(name).cudaMemcpyAsync", "copy = lib.cudaMemcpyAsync")],
     "fifo": [(FEEDER, "        self._free: queue.LifoQueue[Slot] = queue.LifoQueue()\n",
               "        self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()\n")],
+    "ownspot": [
+        (FEEDER, """        while not self._stop:
+            chunk = self.claim(self.ring.slot_size)
+            if chunk is None:
+                break
+            i, offset, n = chunk
+""", """        home = queue.SimpleQueue()
+        slot = self._free.get()
+        slot.home = home
+        while not self._stop:
+            chunk = self.claim(self.ring.slot_size)
+            if chunk is None:
+                break
+            i, offset, n = chunk
+"""),
+        (FEEDER, OWN_OLD, OWN_NEW),
+        (FEEDER, "            self._inflight.popleft()\n            self._free.put(slot)\n",
+         "            self._inflight.popleft()\n            (getattr(slot, 'home', None) or self._free).put(slot)\n"),
+        (FEEDER, "        if self._stop:\n            self._free.put(slot)\n            return\n",
+         "        if self._stop:\n            (getattr(slot, 'home', None) or self._free).put(slot)\n            return\n"),
+        (FEEDER, "            elif not isinstance(item, BaseException):\n                self._free.put(item[0])\n",
+         "            elif not isinstance(item, BaseException):\n                (getattr(item[0], 'home', None) or self._free).put(item[0])\n"),
+    ],
     "lean": [(FEEDER, "            read = self._read_chunk(\n                filling.region, base + filling.slot.offset + start, filling.offset + start, m\n            )\n",
               "            read = os.preadv(self._fds[filling.region], [buffer_at(base + filling.slot.offset + start, align_up(m, DIRECT_ALIGN))], filling.offset + start)\n            read = min(read, m)\n")],
 }
