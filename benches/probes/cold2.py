@@ -37,6 +37,10 @@ def size(text):
 def grid(name):
     """ "ft 16t2M" or "raw 16t512K" as a config."""
     kind, spec = name.split()
+    spec, *flags = spec.split("+")  # "ft 16t16M+gil+hog": PROBE_GIL=1 PROBE_HOG=1 (in the child)
+    extra = {f"PROBE_{f.upper()}": "1" for f in flags}
+    spec, _, switch = spec.partition("%")  # "ft 16t16M%0.5": sys.setswitchinterval(0.5 ms) in the child
+    extra = {**extra, **({"PROBE_SWITCH": str(float(switch) / 1000)} if switch else {})}
     spec, _, pre = spec.partition("!")  # "ft 16t16Mr512K!pre": one untimed load first, then a cache drop
     spec, _, tree = spec.partition("@")  # "ft 16t16Mr512K@fault_pre": the tree at .probe/fault_pre/src
     spec, _, ring = spec.partition("s")  # "ft 16t4Mr512Ks256M": FLASH_RING_SIZE=256M
@@ -47,7 +51,9 @@ def grid(name):
         env = {**env, **({"FLASH_READ_SIZE": r} if r else {})}
         env = {**env, **({"PROBE_PRELOAD": "1"} if pre else {})}
         env = {**env, **({"FLASH_RING_SIZE": ring} if ring else {})}
-        return ("ft", {**env, **({"PROBE_SRC": f".probe/{tree}/src"} if tree else {})})
+        return ("ft", {**env, **extra, **({"PROBE_SRC": f".probe/{tree}/src"} if tree else {})})
+    if kind == "rawin":  # the raw read in the loaders' child (CUDA up), where PROBE_* apply too
+        return ("rawin", {**extra, "PROBE_RAW": f"{n}:{size(s)}"})
     if kind == "rawc":  # the raw read in a fresh child process, as the loaders run
         return (f"rawc{n}:{size(s)}", {})
     return (f"raw{n}:{size(s)}", {})
@@ -61,9 +67,26 @@ sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))  # PROBE_SRC: another tre
 from flashtensors.bench import loaders
 name, D = sys.argv[1], sys.argv[2]
 torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
-import glob, pathlib
+import glob, pathlib, threading
+if os.environ.get("PROBE_SWITCH"):
+    sys.setswitchinterval(float(os.environ["PROBE_SWITCH"]))
+gil, done = [], threading.Event()
+def gil_probe():  # how late a thread that sleeps 1 ms gets the GIL back, while the load runs
+    while not done.is_set():
+        b = time.perf_counter(); time.sleep(0.001); gil.append(time.perf_counter() - b - 0.001)
+def hog():  # pure-Python work that holds the GIL except at the switch interval
+    x = 0
+    while not done.is_set():
+        x += 1
+side = [threading.Thread(target=f, daemon=True) for f, on in ((gil_probe, "PROBE_GIL"), (hog, "PROBE_HOG")) if os.environ.get(on)]
+def raw_read(t, device):
+    from flashtensors.bench.cache import parallel_read
+    n, r = map(int, os.environ["PROBE_RAW"].split(":"))
+    work = [(str(f), o, min(r, os.path.getsize(f) - o)) for f in t.files for o in range(0, os.path.getsize(f), r)]
+    parallel_read(work, n, direct=True)
+    return {}
 t = loaders.Target(pathlib.Path(D), tuple(pathlib.Path(f) for f in sorted(glob.glob(D + "/*.safetensors"))))
-fn = {"ft": loaders._flashtensors, "fastsafetensors": loaders._fastsafetensors, "runai": loaders._runai}[name]
+fn = {"rawin": raw_read, "ft": loaders._flashtensors, "fastsafetensors": loaders._fastsafetensors, "runai": loaders._runai}[name]
 if os.environ.get("PROBE_PRELOAD"):  # as a daemon's later load: ring and streams made, then the cache dropped
     sd = fn(t, "cuda"); torch.cuda.synchronize(); del sd; torch.cuda.empty_cache()
     from flashtensors.bench.cache import drop_cache
@@ -74,7 +97,13 @@ orig = readers.pread_full
 def timed(*a):
     b = time.perf_counter(); n = orig(*a); win.append((b, time.perf_counter())); return n
 readers.pread_full = timed
+for th in side:
+    th.start()
 s = time.perf_counter(); sd = fn(t, "cuda"); torch.cuda.synchronize(); e = time.perf_counter()
+done.set()
+if gil:
+    gil.sort()
+    print("G", len(gil), sum(gil) / len(gil), gil[len(gil) // 2], gil[len(gil) * 9 // 10], gil[-1])
 if win:
     print("R", min(w[0] for w in win) - s, e - max(w[1] for w in win), len(win))
 print("T", e - s)
@@ -94,7 +123,7 @@ for rep in range(reps):
                     f"s = time.perf_counter(); parallel_read(w, {int(n)}, direct=True); print('T', time.perf_counter() - s)")
             p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             el = float([l for l in p.stdout.splitlines() if l.startswith("T ")][-1][2:])
-        elif kind.startswith("raw"):
+        elif kind.startswith("raw") and kind != "rawin":
             n, _, req = kind[3:].partition(":")
             work = chunks(files)
             if req:  # requests of req bytes
@@ -110,6 +139,11 @@ for rep in range(reps):
             rl = [l.split() for l in p.stdout.splitlines() if l.startswith("R ")]
             if rl:  # our reads' window: time before the first read began, after the last one ended
                 before, after, n = float(rl[-1][1]), float(rl[-1][2]), int(rl[-1][3])
+            gl = [l.split() for l in p.stdout.splitlines() if l.startswith("G ")]
+            if gl:  # the GIL probe: ms late, mean / median / p90 / max
+                g = [float(x) * 1e3 for x in gl[-1][2:]]
+                print(f"   {name}: GIL probe {gl[-1][1]} wakes, late {g[0]:.2f} / {g[1]:.2f} / {g[2]:.2f} / {g[3]:.1f} ms (mean / median / p90 / max)", flush=True)
+            if rl:
                 print(f"   {name}: {n} reads; {before * 1e3:.0f} ms before the first, {after * 1e3:.0f} ms after the last; "
                       f"read window {total / (el - before - after) / 1e9:.3f} GB/s", flush=True)
         res[name].append(round(total / el / 1e9, 3))

@@ -1,0 +1,247 @@
+"""Raw O_DIRECT reads of a checkpoint's shards three ways, each in a fresh process after a cache drop,
+in rotation (seventeenth session: is the cold gap our readers' Python work per request?).
+
+python aioread.py DIR ROUNDS "thr 16 512K 0,thr 16 512K 30,aio 16 512K,aio 32 512K"
+
+- ``thr N R W``: N threads take the next R-byte request from one queue (as the bench's raw limit does)
+  and spend W microseconds of pure-Python work after each read, holding the GIL as our readers'
+  bookkeeping does; ``thr N R W P``: each thread cycles through P places of R bytes (16 x P in all);
+- ``own N R``: as ``thr N R 0``, but each thread copies its bytes to the GPU itself after each read
+  and waits for that copy before its next read (16 landing places, no hand-off to a loading thread);
+- ``ft``: our load with the defaults, onto the GPU (``ft FLASH_RING_SIZE=12M ...``: with those settings);
+- ``aio Q R``: one thread keeps Q requests of R bytes in flight through Linux native AIO
+  (io_submit / io_getevents by syscall, no threads, the GIL released while it waits).
+
+Every kind reads into huge pages: each thread's own R bytes, or Q places of R bytes. Prints one line per
+run and ``AIO {kind: [median GB/s, [runs]]}`` last.
+"""
+
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))
+from flashtensors.bench.cache import drop_cache  # noqa: E402
+from flashtensors.engine.sysio import Mapping, buffer_at  # noqa: E402
+
+
+def size(text: str) -> int:
+    return int(text[:-1]) * {"K": 1024, "M": 1024 * 1024}[text[-1]]
+
+
+def requests(files: list[str], r: int) -> list[tuple[int, int, int]]:
+    """(file index, offset, length rounded up to 4 KiB) for every R-byte request, in file order."""
+    out = []
+    for i, f in enumerate(files):
+        n = os.path.getsize(f)
+        out += [(i, o, (min(r, n - o) + 4095) & ~4095) for o in range(0, n, r)]
+    return out
+
+
+def threaded(
+    fds: list[int],
+    work: list[tuple[int, int, int]],
+    n: int,
+    r: int,
+    work_us: float = 0,
+    places: int = 1,
+    gpu: bool = False,
+) -> int:
+    """``n`` threads take the next request from one queue and read it into their own ``places`` R-byte
+    places of huge pages, in turn; with ``gpu``, each place is pinned and the thread copies each read
+    to the GPU on its own stream and waits for the copy before its next read."""
+    lock = threading.Lock()
+    it = iter(work)
+    totals: list[int] = []
+    if gpu:
+        import torch
+
+        starts, pos = {}, 0
+        for i in sorted({w[0] for w in work}):
+            starts[i], pos = pos, pos + os.fstat(fds[i]).st_size
+        dst = torch.empty(pos + r, dtype=torch.uint8, device="cuda")
+
+    def run() -> None:
+        span = max(places * r, 4 << 20)  # whole 2 MiB pages, as the raw limit's 16 MiB
+        buf = Mapping(None, span, huge=True)
+        views = [buffer_at(buf.address + k * r, r) for k in range(places)]
+        if gpu:
+            torch.cuda.cudart().cudaHostRegister(buf.address, span, 0)
+            host = torch.frombuffer(buffer_at(buf.address, span), dtype=torch.uint8)
+            stream = torch.cuda.Stream()
+        done = reads = 0
+        while True:
+            with lock:
+                item = next(it, None)
+            if item is None:
+                break
+            i, off, length = item
+            k = reads % places
+            got = os.preadv(fds[i], [views[k][:length]], off)
+            done, reads = done + got, reads + 1
+            if gpu:
+                with torch.cuda.stream(stream):
+                    dst[starts[i] + off : starts[i] + off + got].copy_(
+                        host[k * r : k * r + got], non_blocking=True
+                    )
+                stream.synchronize()
+            if work_us:
+                end = time.perf_counter() + work_us / 1e6
+                while time.perf_counter() < end:
+                    pass
+        if gpu:
+            torch.cuda.cudart().cudaHostUnregister(buf.address)
+        totals.append(done)
+
+    pool = [threading.Thread(target=run) for _ in range(n)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(totals)
+
+
+class Iocb(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_uint64),
+        ("key", ctypes.c_uint32),
+        ("rw_flags", ctypes.c_uint32),
+        ("opcode", ctypes.c_uint16),
+        ("reqprio", ctypes.c_int16),
+        ("fildes", ctypes.c_uint32),
+        ("buf", ctypes.c_uint64),
+        ("nbytes", ctypes.c_uint64),
+        ("offset", ctypes.c_int64),
+        ("reserved2", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("resfd", ctypes.c_uint32),
+    ]
+
+
+class Event(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_uint64),
+        ("obj", ctypes.c_uint64),
+        ("res", ctypes.c_int64),
+        ("res2", ctypes.c_int64),
+    ]
+
+
+def native_aio(fds: list[int], work: list[tuple[int, int, int]], q: int, r: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    sc = libc.syscall
+    sc.restype = ctypes.c_long
+    SETUP, DESTROY, GETEVENTS, SUBMIT = 206, 207, 208, 209  # x86_64
+    ctx = ctypes.c_ulong(0)
+    if sc(SETUP, ctypes.c_long(q), ctypes.byref(ctx)) < 0:
+        raise OSError(ctypes.get_errno(), "io_setup")
+    buf = Mapping(None, max(q * r, 4 << 20), huge=True)
+    iocbs = (Iocb * q)()
+    ptrs = (ctypes.POINTER(Iocb) * 1)()
+    events = (Event * q)()
+    it = iter(work)
+    done = 0
+
+    def submit(slot: int) -> bool:
+        item = next(it, None)
+        if item is None:
+            return False
+        i, off, length = item
+        cb = iocbs[slot]
+        ctypes.memset(ctypes.byref(cb), 0, ctypes.sizeof(cb))
+        cb.data, cb.fildes, cb.buf, cb.nbytes, cb.offset = slot, fds[i], buf.address + slot * r, length, off
+        ptrs[0] = ctypes.pointer(cb)
+        if sc(SUBMIT, ctx, ctypes.c_long(1), ptrs) != 1:
+            raise OSError(ctypes.get_errno(), "io_submit")
+        return True
+
+    try:
+        inflight = sum(submit(s) for s in range(q))
+        while inflight:
+            got = sc(GETEVENTS, ctx, ctypes.c_long(1), ctypes.c_long(q), events, None)
+            if got < 0:
+                raise OSError(ctypes.get_errno(), "io_getevents")
+            for e in events[:got]:
+                if e.res < 0:
+                    raise OSError(-e.res, "aio read")
+                done += e.res
+                inflight -= 1
+                inflight += submit(e.data)
+    finally:
+        sc(DESTROY, ctx)
+        buf.close()
+    return done
+
+
+def child(files: list[str], spec: str) -> None:
+    kind, *args = spec.split()
+    if kind == "ft":  # our load, CUDA up before the clock as in cold2.py; "ft FLASH_X=v ...": settings
+        os.environ.update(a.split("=", 1) for a in args)
+        import pathlib
+
+        import torch
+
+        from flashtensors.bench import loaders
+
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+        t = loaders.Target(pathlib.Path(files[0]).parent, tuple(pathlib.Path(f) for f in files))
+        s = time.perf_counter()
+        loaders._flashtensors(t, "cuda")
+        torch.cuda.synchronize()
+        print("T", time.perf_counter() - s, sum(os.path.getsize(f) for f in files))
+        return
+    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
+    r = size(args[1])
+    work = requests(files, r)
+    if kind == "own":
+        import torch
+
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+        s = time.perf_counter()
+        got = threaded(fds, work, int(args[0]), r, gpu=True)
+        print("T", time.perf_counter() - s, got)
+        return
+    s = time.perf_counter()
+    if kind == "thr":
+        got = threaded(fds, work, int(args[0]), r, float(args[2]), int(args[3]) if len(args) > 3 else 1)
+    else:
+        got = native_aio(fds, work, int(args[0]), r)
+    print("T", time.perf_counter() - s, got)
+
+
+def main() -> None:
+    d, rounds, specs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+    files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+    total = sum(os.path.getsize(f) for f in files)
+    res: dict[str, list[float]] = {k: [] for k in specs}
+    for rep in range(rounds):
+        for spec in specs[rep % len(specs) :] + specs[: rep % len(specs)]:
+            drop_cache(files, "drop_caches")
+            p = subprocess.run([sys.executable, __file__, "--child", d, spec], capture_output=True, text=True)
+            lines = [x for x in p.stdout.splitlines() if x.startswith("T ")]
+            if not lines:
+                print(spec, "FAILED", p.stderr[-600:], flush=True)
+                continue
+            seconds, got = float(lines[-1].split()[1]), int(lines[-1].split()[2])
+            if got < total:
+                print(spec, f"SHORT {got} of {total}", flush=True)
+            res[spec].append(round(total / seconds / 1e9, 3))
+            print(rep, spec, res[spec][-1], flush=True)
+    print(
+        "AIO " + json.dumps({k: [statistics.median(v) if v else None, v] for k, v in res.items()}), flush=True
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        d = sys.argv[2]
+        child(sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors")), sys.argv[3])
+    else:
+        main()
