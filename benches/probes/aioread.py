@@ -8,7 +8,8 @@ python aioread.py DIR ROUNDS "thr 16 512K 0,thr 16 512K 30,aio 16 512K,aio 32 51
   bookkeeping does; ``thr N R W P``: each thread cycles through P places of R bytes (16 x P in all);
 - ``own N R``: as ``thr N R 0``, but each thread copies its bytes to the GPU itself after each read
   and waits for that copy before its next read (16 landing places, no hand-off to a loading thread);
-- ``ft``: our load with the defaults, onto the GPU (``ft FLASH_RING_SIZE=12M ...``: with those settings);
+- ``ft``: our load with the defaults, onto the GPU (``ft FLASH_RING_SIZE=12M ...``: with those settings;
+  ``ft PROBE_SRC=.probe/TREE/src``: another tree's code);
 - ``aio Q R``: one thread keeps Q requests of R bytes in flight through Linux native AIO
   (io_submit / io_getevents by syscall, no threads, the GIL released while it waits).
 
@@ -224,7 +225,13 @@ def main() -> None:
     for rep in range(rounds):
         for spec in specs[rep % len(specs) :] + specs[: rep % len(specs)]:
             drop_cache(files, "drop_caches")
-            p = subprocess.run([sys.executable, __file__, "--child", d, spec], capture_output=True, text=True)
+            env = {
+                **os.environ,
+                **dict(a.split("=", 1) for a in spec.split()[1:] if "=" in a),
+            }  # PROBE_SRC too
+            p = subprocess.run(
+                [sys.executable, __file__, "--child", d, spec], capture_output=True, text=True, env=env
+            )
             lines = [x for x in p.stdout.splitlines() if x.startswith("T ")]
             if not lines:
                 print(spec, "FAILED", p.stderr[-600:], flush=True)
