@@ -18,6 +18,7 @@ run and ``AIO {kind: [median GB/s, [runs]]}`` last.
 """
 
 import ctypes
+import functools
 import json
 import os
 import statistics
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))
 from flashtensors.bench.cache import drop_cache  # noqa: E402
@@ -180,40 +182,40 @@ def native_aio(fds: list[int], work: list[tuple[int, int, int]], q: int, r: int)
 
 
 def child(files: list[str], spec: str) -> None:
+    """One timed run of ``spec``; its ``KEY=V`` words reached this process's environment from main."""
     kind, *args = spec.split()
-    if kind == "ft":  # our load, CUDA up before the clock as in cold2.py; "ft FLASH_X=v ...": settings
-        os.environ.update(a.split("=", 1) for a in args)
-        import pathlib
-
+    if kind in ("ft", "own"):
         import torch
+
+        torch.empty(1, device="cuda")  # CUDA up before the clock, as in cold2.py
+        torch.cuda.synchronize()
+    run: Callable[[], int]
+    if kind == "ft":
+        import pathlib
 
         from flashtensors.bench import loaders
 
-        torch.empty(1, device="cuda")
-        torch.cuda.synchronize()
-        t = loaders.Target(pathlib.Path(files[0]).parent, tuple(pathlib.Path(f) for f in files))
-        s = time.perf_counter()
-        loaders._flashtensors(t, "cuda")
-        torch.cuda.synchronize()
-        print("T", time.perf_counter() - s, sum(os.path.getsize(f) for f in files))
-        return
-    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
-    r = size(args[1])
-    work = requests(files, r)
-    if kind == "own":
-        import torch
+        target = loaders.Target(pathlib.Path(files[0]).parent, tuple(pathlib.Path(f) for f in files))
 
-        torch.empty(1, device="cuda")
-        torch.cuda.synchronize()
-        s = time.perf_counter()
-        got = threaded(fds, work, int(args[0]), r, gpu=True)
-        print("T", time.perf_counter() - s, got)
-        return
-    s = time.perf_counter()
-    if kind == "thr":
-        got = threaded(fds, work, int(args[0]), r, float(args[2]), int(args[3]) if len(args) > 3 else 1)
+        def run() -> int:
+            loaders._flashtensors(target, "cuda")
+            torch.cuda.synchronize()
+            return sum(os.path.getsize(f) for f in files)
+
     else:
-        got = native_aio(fds, work, int(args[0]), r)
+        fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
+        n, r = int(args[0]), size(args[1])
+        work = requests(files, r)
+        if kind == "own":
+            run = functools.partial(threaded, fds, work, n, r, gpu=True)
+        elif kind == "thr":
+            run = functools.partial(
+                threaded, fds, work, n, r, float(args[2]), int(args[3]) if len(args) > 3 else 1
+            )
+        else:
+            run = functools.partial(native_aio, fds, work, n, r)
+    s = time.perf_counter()
+    got = run()
     print("T", time.perf_counter() - s, got)
 
 
@@ -225,10 +227,8 @@ def main() -> None:
     for rep in range(rounds):
         for spec in specs[rep % len(specs) :] + specs[: rep % len(specs)]:
             drop_cache(files, "drop_caches")
-            env = {
-                **os.environ,
-                **dict(a.split("=", 1) for a in spec.split()[1:] if "=" in a),
-            }  # PROBE_SRC too
+            settings = dict(a.split("=", 1) for a in spec.split()[1:] if "=" in a)  # FLASH_*, PROBE_SRC
+            env = {**os.environ, **settings}
             p = subprocess.run(
                 [sys.executable, __file__, "--child", d, spec], capture_output=True, text=True, env=env
             )
