@@ -571,7 +571,7 @@ def test_cold_reads_land_in_one_and_a_half_slots_per_reader(
     assert len(ring.slots) == 6  # 4 readers x 1.5
     assert ring_file.stat().st_size > 4 * len(ring.slots) * ring.slot_size  # each slot read many times
     assert any(slot.pinned for slot in ring.slots)  # a slot is pinned on its first use
-    assert staging.staging_ring(settings) is not ring  # the buffered paths keep their chunk_size ring
+    assert staging.staging_ring(settings, 4, 1, 64 * 1024, direct=True) is ring  # the next load's ring
 
 
 def test_cold_reads_go_through_small_slots_of_their_own(
