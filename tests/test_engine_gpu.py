@@ -535,12 +535,13 @@ def test_views_error_reaches_the_caller(
 
 
 def test_a_big_cold_load_grows_the_auto_ring(ring_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ring_size`` auto: a load of BIG_LOAD cold bytes or more reads through a ring of four slots per
-    reader; a smaller load after it keeps that ring. The bytes are the reference's both times."""
+    """``ring_size`` auto with ``read_size`` set: a load of BIG_LOAD cold bytes or more reads through a
+    ring of four slots per reader; a smaller load after it keeps that ring. The bytes are the
+    reference's both times."""
     from flashtensors.engine import staging
 
     monkeypatch.setattr(staging, "_rings", {})  # no ring grown by an earlier test
-    settings = ft.configure(chunk_size=64 * 1024)
+    settings = ft.configure(chunk_size=64 * 1024, read_size=64 * 1024)
     monkeypatch.setattr(staging, "BIG_LOAD", 1)
     big = load(ring_file, device=DEV, read_path="direct")
     assert_same(big.tensors, reference_load(ring_file), device=DEV)
@@ -550,6 +551,27 @@ def test_a_big_cold_load_grows_the_auto_ring(ring_file: Path, monkeypatch: pytes
     small = load(ring_file, device=DEV, read_path="direct")
     assert_same(small.tensors, reference_load(ring_file), device=DEV)
     assert staging.staging_ring(settings) is ring
+
+
+def test_cold_reads_land_in_one_and_a_half_slots_per_reader(
+    ring_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``read_size`` and ``ring_size`` auto, each O_DIRECT reader reads whole DIRECT_SLOT slots from
+    a ring of 1.5 slots per reader: the reference's bytes, bit for bit, through at most that many."""
+    from flashtensors.engine import ring_feeder, staging
+
+    monkeypatch.setattr(staging, "_rings", {})
+    monkeypatch.setattr(staging, "DIRECT_SLOT", 64 * 1024)  # ~44 reads of a ~3 MB file
+    monkeypatch.setattr(ring_feeder, "DIRECT_PIECE", 64 * 1024)  # one request per slot, as 512 KiB
+    settings = ft.configure(io_threads=4)
+    cold = load(ring_file, device=DEV, read_path="direct")
+    assert set(cold.stats.paths.values()) == {"direct"}
+    assert_same(cold.tensors, reference_load(ring_file), device=DEV)
+    ring = staging._rings[64 * 1024][1]
+    assert len(ring.slots) == 6  # 4 readers x 1.5
+    assert ring_file.stat().st_size > 4 * len(ring.slots) * ring.slot_size  # each slot read many times
+    assert any(slot.pinned for slot in ring.slots)  # a slot is pinned on its first use
+    assert staging.staging_ring(settings, 4, 1, 64 * 1024, direct=True) is ring  # the next load's ring
 
 
 def test_cold_reads_go_through_small_slots_of_their_own(
@@ -572,4 +594,4 @@ def test_cold_reads_go_through_small_slots_of_their_own(
     assert sorted(staging._rings) == [64 * 1024, 256 * 1024]
     direct_ring = staging._rings[64 * 1024][1]
     assert any(slot.pinned for slot in direct_ring.slots)  # the cold load's copies came from it
-    assert staging.staging_ring(settings, settings.io_threads, 1, 64 * 1024) is direct_ring
+    assert staging.staging_ring(settings, settings.io_threads, 1, 64 * 1024, direct=True) is direct_ring

@@ -38,6 +38,21 @@ def test_slots_by_readers_and_cold_bytes() -> None:
     assert staging.ring_slots(settings, 32, staging.BIG_LOAD) == 64  # 1 GiB, the most
 
 
+def test_direct_reads_get_one_and_a_half_slots_per_reader() -> None:
+    """With ``read_size`` auto, the O_DIRECT ring holds 1.5 slots per reader whatever the load's size
+    (reads that land in few places are faster on the lent disks); a fixed ``ring_size`` still rules."""
+    settings = ft.configure(chunk_size=16 * 1024**2)
+    slot = staging.direct_slot_size(settings)
+    assert slot == 512 * KiB
+    assert staging.ring_slots(settings, 16, 1, slot, direct=True) == 24
+    assert staging.ring_slots(settings, 16, staging.BIG_LOAD, slot, direct=True) == 24
+    assert staging.ring_slots(settings, 8, staging.BIG_LOAD, slot, direct=True) == 12
+    assert staging.ring_slots(settings, 1, 1, slot, direct=True) == 2  # a slot being read, one being copied
+    assert staging.ring_slots(settings, 16, staging.BIG_LOAD, slot) == 64  # the other rings' rule
+    fixed = ft.configure(chunk_size=1024**2, ring_size=8 * 1024**2)
+    assert staging.ring_slots(fixed, 16, 1, slot, direct=True) == 16
+
+
 def test_auto_ring_is_at_most_one_gib() -> None:
     settings = ft.configure(chunk_size=128 * 1024**2)
     assert staging.ring_slots(settings, 8, staging.BIG_LOAD) == 8  # 1 GiB of 128 MiB slots, not 32
@@ -63,28 +78,28 @@ def test_a_fixed_ring_size_does_not_grow(no_ring: None) -> None:
 
 def test_direct_reads_get_small_slots_only_with_read_size_auto() -> None:
     assert staging.direct_slot_size(ft.configure(chunk_size=16 * 1024**2)) == staging.DIRECT_SLOT
-    assert staging.direct_slot_size(ft.configure(chunk_size=1024**2)) == 1024**2  # never above chunk_size
+    assert staging.direct_slot_size(ft.configure(chunk_size=256 * KiB)) == 256 * KiB  # never above chunk_size
     settings = ft.configure(chunk_size=16 * 1024**2, read_size=512 * KiB)  # the user's sizes stand
     assert staging.direct_slot_size(settings) == 16 * 1024**2
 
 
 def test_the_direct_ring_and_the_chunk_ring_live_side_by_side(no_ring: None) -> None:
     settings = ft.configure(chunk_size=16 * 1024**2)
-    direct = staging.staging_ring(settings, 16, 1, staging.direct_slot_size(settings))
+    direct = staging.staging_ring(settings, 16, 1, staging.direct_slot_size(settings), direct=True)
     buffered = staging.staging_ring(settings)
     assert (direct.slot_size, buffered.slot_size) == (staging.DIRECT_SLOT, 16 * 1024**2)
-    assert len(direct.slots) == 32  # two per reader, of 4 MiB
+    assert len(direct.slots) == 24  # 1.5 per reader, of 512 KiB
     # a warm load after a cold one (and the other way round) keeps the other's ring and its pinned slots
-    assert staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT) is direct
+    assert staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT, direct=True) is direct
     assert staging.staging_ring(settings) is buffered
     # new settings let go of the ring whose slots they no longer use, and only that one
     settings = ft.configure(chunk_size=8 * 1024**2)
-    assert staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT) is direct
+    assert staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT, direct=True) is direct
     assert staging.staging_ring(settings).slot_size == 8 * 1024**2
     assert sorted(staging._rings) == [staging.DIRECT_SLOT, 8 * 1024**2]
     settings = ft.configure(chunk_size=8 * 1024**2, ring_size=64 * 1024**2)  # a fixed size: new rings
-    fixed = staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT)
-    assert fixed is not direct and len(fixed.slots) == 16
+    fixed = staging.staging_ring(settings, 16, 1, staging.DIRECT_SLOT, direct=True)
+    assert fixed is not direct and len(fixed.slots) == 128
 
 
 def test_the_ring_is_ready_only_with_every_slot_pinned_under_the_same_settings(no_ring: None) -> None:

@@ -114,22 +114,22 @@ VARIABLES: tuple[Variable, ...] = (
         "FLASH_CHUNK_SIZE",
         "chunk_size",
         _parse_size,
-        "bytes per staging slot and per read job (O_DIRECT reads with read_size auto: slots of at most 4M)",
+        "bytes per staging slot and per read job (O_DIRECT reads with read_size auto: slots of at most 512K)",
     ),
     Variable(
         "FLASH_READ_SIZE",
         "read_size",
         _auto_or(_parse_size),
         "bytes per read request; the readers fill a chunk together, its requests taken in file order "
-        "(auto: 512K for O_DIRECT reads to a GPU, into 4 MiB slots, else a whole chunk per request; "
+        "(auto: 512K slots for O_DIRECT reads to a GPU, one request each, else a whole chunk per request; "
         "set it to chunk_size for whole chunks everywhere)",
     ),
     Variable(
         "FLASH_RING_SIZE",
         "ring_size",
         _auto_or(_parse_size),
-        "pinned staging ring bytes, per slot size in use (at most 1G); auto: 2 slots per cold reader, 4 "
-        "from 4 GiB of cold reads",
+        "pinned staging ring bytes, per slot size in use (at most 1G); auto: 1.5 slots per O_DIRECT reader "
+        "with read_size auto, else 2 per cold reader, 4 from 4 GiB of cold reads",
     ),
     Variable(
         "FLASH_REGISTER_CHUNK",
@@ -165,7 +165,7 @@ class Settings:
     io_threads: int = 16
     cpu_threads: int = 8
     chunk_size: int = 16 * MiB
-    read_size: int = 0  # 0 (auto): O_DIRECT ring reads in 512 KiB pieces, 4 MiB slots; others a chunk each
+    read_size: int = 0  # 0 (auto): O_DIRECT ring reads whole 512 KiB slots; others a chunk each
     ring_size: int = 0  # 0: sized by the cold readers and bytes, grown as needed (engine.staging.ring_slots)
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8

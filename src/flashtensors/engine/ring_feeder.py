@@ -27,7 +27,8 @@ from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_di
 # With read_size auto, O_DIRECT readers fill each slot together in pieces of this size (whole chunks when
 # a chunk is no larger). Measured on the H100 machine, 4B cold, fresh process per load, 5 rounds with
 # free slots reused last-freed first: 16 readers x 512 KiB pieces 1.86 GB/s (median), 8 readers x
-# whole 16 MiB chunks 1.74, raw 16 x 512 KiB 2.02 (docs/perf-notes.md, fourteenth session).
+# whole 16 MiB chunks 1.74, raw 16 x 512 KiB 2.02 (docs/perf-notes.md, fourteenth session). Since the
+# seventeenth session the slots are this size too (staging.DIRECT_SLOT), so each reader reads whole slots.
 DIRECT_PIECE = 512 * 1024
 
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
@@ -336,10 +337,12 @@ def read_through_ring(
 ) -> list[str]:
     """Fill GPU arena regions: ``io_threads`` threads (``cpu_threads`` for buffered reads) read chunks
     into the staging ring's slots, and this thread queues each full slot's copy. With ``read_size``
-    auto, O_DIRECT readers fill one slot of at most 4 MiB at a time together in :data:`DIRECT_PIECE`
-    pieces (a ring of its own, :func:`~flashtensors.engine.staging.direct_slot_size`), buffered readers
-    a whole chunk each. With ``ring_size`` auto, the ring has two slots per O_DIRECT reader, four for a
-    load of 4 GiB or more (:func:`~flashtensors.engine.staging.ring_slots`).
+    auto, each O_DIRECT reader reads whole slots of 512 KiB in one request, from a ring of their own
+    (:func:`~flashtensors.engine.staging.direct_slot_size`) of 1.5 slots per reader with ``ring_size``
+    auto, so the reads land in few places. With ``read_size`` set, O_DIRECT readers fill ``chunk_size``
+    slots together in ``read_size`` pieces, from a ring of two slots per reader (four for a load of
+    4 GiB or more); buffered readers read a whole chunk each from the ``chunk_size`` ring
+    (:func:`~flashtensors.engine.staging.ring_slots`).
 
     Readers make no CUDA call. Measured on the H100 machine (``benches/probes/coldwin.py``, 0.6B): when
     each reader pinned and copied its own slots, a reader spent 1.3-2.3 ms between two reads in a
@@ -363,7 +366,7 @@ def read_through_ring(
     threads = settings.io_threads if direct else settings.cpu_threads
     nbytes = sum(r.file_end - r.file_start for r in regions)
     if direct:
-        ring = staging_ring(settings, threads, nbytes, direct_slot_size(settings))
+        ring = staging_ring(settings, threads, nbytes, direct_slot_size(settings), not settings.read_size)
     else:
         ring = staging_ring(settings)
     claims = Split([(r.file_start, r.file_end) for r in regions])  # all of it from the front, in order

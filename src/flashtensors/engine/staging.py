@@ -50,13 +50,16 @@ class StagingRing:
 _rings: dict[int, tuple[int, StagingRing]] = {}
 _ring_lock = threading.Lock()
 
-# With read_size auto, O_DIRECT reads go through slots of at most this size (512 KiB pieces, ring_feeder.
-# DIRECT_PIECE). Measured on the H200 machine, 4B cold, a fresh process per load, 5 rounds: slots of
-# 4 MiB 2.06 GB/s (median), 16 MiB 1.92, ahead in 5 of 5 rounds; a load used 7 slots of 4 MiB (28 MiB)
-# against 3 of 16 MiB (48 MiB). Raw 16 x 512 KiB reads into a 4 MiB ring ran 2.54, into a 16 MiB ring
-# 2.02: on these machines' virtual disks, reads that land in less memory are faster (docs/perf-notes.md,
-# fourteenth and fifteenth sessions).
-DIRECT_SLOT = 4 * 1024**2
+# With read_size auto, O_DIRECT reads go through slots of at most this size, one request each (ring_feeder.
+# DIRECT_PIECE), in a ring of DIRECT_SLOTS_PER_READER slots per reader. On these machines' virtual disks,
+# reads that land in less memory are faster. Raw 16 x 512 KiB O_DIRECT reads of 4B, each thread cycling
+# through 1, 2 or 3 places of its own (16, 32, 48 places), H200 machine, 4 rounds: 2.84, 2.65, 2.29 GB/s.
+# Ours in the same lease (benches/probes/aioread.py, 4 rounds): 512 KiB slots in a ring of 24 (12 MiB)
+# 2.82 GB/s, 0.99 of the raw read into 16 places; 48 slots 2.61; 18 slots 2.06 (16 readers wait for the
+# two spare ones); the earlier 4 MiB slots in a 128 MiB ring 2.39, ahead of it in 3 of 3 rounds
+# (docs/perf-notes.md, seventeenth session). Before: 4 MiB slots beat 16 MiB (fifteenth session).
+DIRECT_SLOT = 512 * 1024
+DIRECT_SLOTS_PER_READER = 1.5
 
 # With ring_size auto (0): a load of BIG_LOAD cold bytes or more gets BIG_SLOTS_PER_READER slots per
 # O_DIRECT reader, a smaller one SMALL_SLOTS_PER_READER, never fewer than RING_MIN_SLOTS (256 MiB of 16
@@ -68,8 +71,8 @@ DIRECT_SLOT = 4 * 1024**2
 # or 512 MiB), so the 4B rounds may have been noise between calls; the rule stays, as 8B held (7 of 7).
 # Since the fourteenth session the readers take the slot freed last, so a load uses only the few slots
 # its copies keep releasing (peak RSS +35-68 MiB with a 1 GiB ring): the size bounds what a load may use.
-# Since the fifteenth session O_DIRECT reads use slots of DIRECT_SLOT (4 MiB) in a ring of their own:
-# with 16 readers it is 128 MiB, 256 MiB from BIG_LOAD.
+# Since the fifteenth session O_DIRECT reads (read_size auto) use slots of DIRECT_SLOT in a ring of
+# their own; since the seventeenth its size follows DIRECT_SLOTS_PER_READER, not this rule.
 BIG_LOAD = 4 * 1024**3
 SMALL_SLOTS_PER_READER, BIG_SLOTS_PER_READER = 2, 4
 RING_MIN_SLOTS = 16
@@ -81,14 +84,20 @@ def direct_slot_size(settings: Settings) -> int:
     return settings.chunk_size if settings.read_size else min(settings.chunk_size, DIRECT_SLOT)
 
 
-def ring_slots(settings: Settings, readers: int = 0, nbytes: int = 0, slot_size: int = 0) -> int:
+def ring_slots(
+    settings: Settings, readers: int = 0, nbytes: int = 0, slot_size: int = 0, direct: bool = False
+) -> int:
     """Slots of ``slot_size`` (0: ``chunk_size``) a staging ring needs for ``readers`` reader threads
-    reading ``nbytes``: ``ring_size`` fixes the count; auto gives :data:`SMALL_SLOTS_PER_READER` per
-    reader, :data:`BIG_SLOTS_PER_READER` from :data:`BIG_LOAD` bytes, at least :data:`RING_MIN_SLOTS`,
-    at most 1 GiB of them (two at the least)."""
+    reading ``nbytes``: ``ring_size`` fixes the count. Auto: for O_DIRECT reads in slots of
+    :func:`direct_slot_size` with ``read_size`` auto (``direct``), :data:`DIRECT_SLOTS_PER_READER` per
+    reader, so the reads land in few places; otherwise :data:`SMALL_SLOTS_PER_READER` per reader,
+    :data:`BIG_SLOTS_PER_READER` from :data:`BIG_LOAD` bytes, at least :data:`RING_MIN_SLOTS`, at most
+    1 GiB of them (two at the least)."""
     slot_size = slot_size or settings.chunk_size
     if settings.ring_size:
         return max(2, settings.ring_size // slot_size)
+    if direct:
+        return max(2, int(readers * DIRECT_SLOTS_PER_READER))
     most = max(2, 1024**3 // slot_size)
     per_reader = BIG_SLOTS_PER_READER if nbytes >= BIG_LOAD else SMALL_SLOTS_PER_READER
     return min(most, max(RING_MIN_SLOTS, per_reader * readers))
@@ -102,9 +111,11 @@ def ring_is_ready(settings: Settings) -> bool:
     return ring is not None and made_for == settings.ring_size and all(s.pinned for s in ring.slots)
 
 
-def staging_ring(settings: Settings, readers: int = 0, nbytes: int = 0, slot_size: int = 0) -> StagingRing:
+def staging_ring(
+    settings: Settings, readers: int = 0, nbytes: int = 0, slot_size: int = 0, direct: bool = False
+) -> StagingRing:
     """This process's staging ring of ``slot_size`` slots (0: ``chunk_size``), with at least
-    :func:`ring_slots` of them for ``readers`` reading ``nbytes``.
+    :func:`ring_slots` of them for ``readers`` reading ``nbytes`` (``direct``: see there).
 
     One ring per slot size, and only for the two sizes that ``settings`` use (``chunk_size`` and
     :func:`direct_slot_size`; one ring where they are equal): a ring is allocated when the settings
@@ -112,7 +123,7 @@ def staging_ring(settings: Settings, readers: int = 0, nbytes: int = 0, slot_siz
     reuses the larger ring. A load still holding a replaced ring keeps it until it is done.
     """
     slot_size = slot_size or settings.chunk_size
-    want = ring_slots(settings, readers, nbytes, slot_size)
+    want = ring_slots(settings, readers, nbytes, slot_size, direct)
     with _ring_lock:
         keep = {settings.chunk_size, direct_slot_size(settings)}
         for size, (made_for, _) in list(_rings.items()):
