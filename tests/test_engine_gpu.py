@@ -558,11 +558,10 @@ def test_cold_reads_land_in_one_and_a_half_slots_per_reader(
 ) -> None:
     """With ``read_size`` and ``ring_size`` auto, each O_DIRECT reader reads whole DIRECT_SLOT slots from
     a ring of 1.5 slots per reader: the reference's bytes, bit for bit, through at most that many."""
-    from flashtensors.engine import ring_feeder, staging
+    from flashtensors.engine import staging
 
     monkeypatch.setattr(staging, "_rings", {})
     monkeypatch.setattr(staging, "DIRECT_SLOT", 64 * 1024)  # ~44 reads of a ~3 MB file
-    monkeypatch.setattr(ring_feeder, "DIRECT_PIECE", 64 * 1024)  # one request per slot, as 512 KiB
     settings = ft.configure(io_threads=4)
     cold = load(ring_file, device=DEV, read_path="direct")
     assert set(cold.stats.paths.values()) == {"direct"}
@@ -577,14 +576,13 @@ def test_cold_reads_land_in_one_and_a_half_slots_per_reader(
 def test_cold_reads_go_through_small_slots_of_their_own(
     ring_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With ``read_size`` auto, O_DIRECT reads fill slots of at most DIRECT_SLOT, in DIRECT_PIECE pieces,
+    """With ``read_size`` auto, O_DIRECT reads fill whole slots of at most DIRECT_SLOT, one request each,
     in a ring apart from the ``chunk_size`` ring that buffered reads use; both give the reference's
     bytes, and neither load replaces the other's ring."""
-    from flashtensors.engine import ring_feeder, staging
+    from flashtensors.engine import staging
 
     monkeypatch.setattr(staging, "_rings", {})
     monkeypatch.setattr(staging, "DIRECT_SLOT", 64 * 1024)
-    monkeypatch.setattr(ring_feeder, "DIRECT_PIECE", 16 * 1024)  # four readers' pieces to a slot
     settings = ft.configure(chunk_size=256 * 1024)
     cold = load(ring_file, device=DEV, read_path="direct")
     assert set(cold.stats.paths.values()) == {"direct"}

@@ -24,13 +24,6 @@ from flashtensors.engine.staging import Slot, StagingRing, direct_slot_size, sta
 from flashtensors.engine.streams import make_streams, own_side_stream, pooled_stream, prime_copies
 from flashtensors.engine.sysio import DIRECT_ALIGN, align_up, buffer_at, open_direct, pread_full
 
-# With read_size auto, O_DIRECT readers fill each slot together in pieces of this size (whole chunks when
-# a chunk is no larger). Measured on the H100 machine, 4B cold, fresh process per load, 5 rounds with
-# free slots reused last-freed first: 16 readers x 512 KiB pieces 1.86 GB/s (median), 8 readers x
-# whole 16 MiB chunks 1.74, raw 16 x 512 KiB 2.02 (docs/perf-notes.md, fourteenth session). Since the
-# seventeenth session the slots are this size too (staging.DIRECT_SLOT), so each reader reads whole slots.
-DIRECT_PIECE = 512 * 1024
-
 # (region index, file offset, bytes) of the next chunk, or None when none is left; given the most bytes.
 Claim = Callable[[int], tuple[int, int, int] | None]
 
@@ -371,8 +364,7 @@ def read_through_ring(
         ring = staging_ring(settings)
     claims = Split([(r.file_start, r.file_end) for r in regions])  # all of it from the front, in order
     with torch.cuda.device(device):
-        pieces = settings.read_size or (DIRECT_PIECE if direct else 0)
-        feeder = RingFeeder(ring, claims.front, regions, arena, threads, direct, window, pieces)
+        feeder = RingFeeder(ring, claims.front, regions, arena, threads, direct, window, settings.read_size)
         try:
             if devices.raw_copies():
                 make_streams(device, 2)  # the feeder's stream, while the first reads are in flight

@@ -50,14 +50,15 @@ class StagingRing:
 _rings: dict[int, tuple[int, StagingRing]] = {}
 _ring_lock = threading.Lock()
 
-# With read_size auto, O_DIRECT reads go through slots of at most this size, one request each (ring_feeder.
-# DIRECT_PIECE), in a ring of DIRECT_SLOTS_PER_READER slots per reader. On these machines' virtual disks,
-# reads that land in less memory are faster. Raw 16 x 512 KiB O_DIRECT reads of 4B, each thread cycling
-# through 1, 2 or 3 places of its own (16, 32, 48 places), H200 machine, 4 rounds: 2.84, 2.65, 2.29 GB/s.
-# Ours in the same lease (benches/probes/aioread.py, 4 rounds): 512 KiB slots in a ring of 24 (12 MiB)
-# 2.82 GB/s, 0.99 of the raw read into 16 places; 48 slots 2.61; 18 slots 2.06 (16 readers wait for the
-# two spare ones); the earlier 4 MiB slots in a 128 MiB ring 2.39, ahead of it in 3 of 3 rounds
-# (docs/perf-notes.md, seventeenth session). Before: 4 MiB slots beat 16 MiB (fifteenth session).
+# With read_size auto, O_DIRECT reads go through slots of at most this size, one request each, in a ring of
+# DIRECT_SLOTS_PER_READER slots per reader. 512 KiB requests read fastest: 16 readers x 512 KiB 1.86 GB/s
+# against 8 readers x whole 16 MiB chunks 1.74 (H100 machine, 4B cold, 5 rounds; raw 16 x 512 KiB 2.02;
+# fourteenth session). On these machines' virtual disks, reads that land in less memory are faster: raw
+# 16 x 512 KiB O_DIRECT reads of 4B, each thread cycling through 1, 2 or 3 places of its own, 2.84, 2.65,
+# 2.29 GB/s (H200 machine, 4 rounds). Ours in the same lease: a ring of 24 slots (12 MiB) 2.82 GB/s;
+# 48 slots 2.61; 18 slots 2.06 (16 readers wait for the two spare ones); 4 MiB slots in a 128 MiB ring
+# 2.39 (seventeenth session). `flash bench` cold on the H200, 8B: 2.26 GB/s (89% of the disk) against
+# 2.13 (87%) with 4 MiB slots (eighteenth session; docs/perf-notes.md has all of them).
 DIRECT_SLOT = 512 * 1024
 DIRECT_SLOTS_PER_READER = 1.5
 
