@@ -14,7 +14,8 @@ from flashtensors.errors import ConfigError
     [
         ("FLASH_WARM_RING_THREADS", "-1", "warm_ring_threads"),
         ("FLASH_IO_THREADS", "0", "io_threads"),
-        ("FLASH_CHUNK_SIZE", "1G", "ring_size must hold two chunks"),
+        ("FLASH_CHUNK_SIZE", "1G", "ring_size auto needs two chunks in at most 1G, and chunk_size is 1G"),
+        ("FLASH_RING_SIZE", "10M", "(got 10M with chunk_size 16M): set ring_size between 32M and 1G"),
         ("FLASH_READ_SIZE", "6000", "read_size must be auto or a multiple of 4096"),
         ("FLASH_READ_SIZE", "32M", "no larger than chunk_size"),
     ],

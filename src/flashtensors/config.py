@@ -39,6 +39,14 @@ def _parse_size(text: str) -> int:
     return int(value)
 
 
+def _size_text(nbytes: int) -> str:
+    """A size the way the variables take it: ``16M``, ``1G``, ``6000`` (exact, so it can be pasted)."""
+    for suffix, mult in (("G", GiB), ("M", MiB), ("K", 1024)):
+        if nbytes and nbytes % mult == 0:
+            return f"{nbytes // mult}{suffix}"
+    return str(nbytes)
+
+
 def _parse_bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
@@ -187,16 +195,23 @@ class Settings:
         if self.warm_ring_threads < 0:
             raise ConfigError("warm_ring_threads must be 0 (pin only) or more")
         if self.chunk_size < 4096 or self.chunk_size % 4096:
-            raise ConfigError(f"chunk_size must be a positive multiple of 4096, not {self.chunk_size}")
+            raise ConfigError(
+                f"chunk_size must be a positive multiple of 4096, not {_size_text(self.chunk_size)}"
+            )
         if self.read_size % 4096 or self.read_size > self.chunk_size:
             raise ConfigError(
                 "read_size must be auto or a multiple of 4096 no larger than chunk_size "
-                f"(got {self.read_size}, chunk_size {self.chunk_size})"
+                f"(got {_size_text(self.read_size)}, chunk_size {_size_text(self.chunk_size)})"
             )
         if not 2 * self.chunk_size <= (self.ring_size or 2 * self.chunk_size) <= GiB:
+            least = _size_text(2 * self.chunk_size)
             raise ConfigError(
-                f"ring_size must hold two chunks and be at most 1 GiB (got {self.ring_size or 'auto'}, "
-                f"chunk_size {self.chunk_size})"
+                f"ring_size must hold two chunks and be at most 1G (got {_size_text(self.ring_size)} with "
+                f"chunk_size {_size_text(self.chunk_size)}): set ring_size between {least} and 1G, or "
+                "lower chunk_size"
+                if self.ring_size
+                else f"ring_size auto needs two chunks in at most 1G, and chunk_size is "
+                f"{_size_text(self.chunk_size)}: lower chunk_size to 512M or less"
             )
         if self.register_chunk < MiB or self.register_chunk % 4096:
             raise ConfigError("register_chunk must be a multiple of 4096 and at least 1 MiB")
