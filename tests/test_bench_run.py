@@ -18,17 +18,10 @@ from flashtensors.bench import worker
 from flashtensors.bench.cache import chunks, drop_cache, parallel_read, timed_parallel_read, warm_cache
 from flashtensors.bench.checksum import compare_checksums, digests, tensor_digest
 from flashtensors.bench.limits import limit_for, shape_name
+from flashtensors.bench.options import RunOptions, resolve_checkpoint
 from flashtensors.bench.pool import pool
 from flashtensors.bench.report import failures, format_table, summarize
-from flashtensors.bench.runner import (
-    DISK,
-    RunOptions,
-    engine_settings,
-    judge_run,
-    resolve_checkpoint,
-    rotation,
-    run_bench,
-)
+from flashtensors.bench.runner import DISK, engine_settings, judge_run, rotation, run_bench
 from flashtensors.cli.app import main
 from flashtensors.errors import ConfigError, DeviceError
 from helpers.benchckpt import make_tiny

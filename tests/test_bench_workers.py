@@ -21,15 +21,9 @@ from flashtensors.bench import launcher
 from flashtensors.bench.cache import drop_cache, is_resident, warm_cache
 from flashtensors.bench.launcher import Launcher
 from flashtensors.bench.limits import disk_bandwidth, disk_read, shape_name
+from flashtensors.bench.options import BenchCheckpoint, RunOptions, resolve_checkpoint
 from flashtensors.bench.report import summarize
-from flashtensors.bench.runner import (
-    BenchCheckpoint,
-    RunOptions,
-    judge_run,
-    resolve_checkpoint,
-    rotation,
-    run_bench,
-)
+from flashtensors.bench.runner import judge_run, rotation, run_bench
 from helpers.benchckpt import make_tiny
 from helpers.nodirect import NoDirect
 

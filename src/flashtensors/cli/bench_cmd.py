@@ -161,8 +161,9 @@ def run_cmd(
     If a loader returns bytes that differ from the files, its run is marked FAIL and the exit status is 1.
     """
     from flashtensors.bench.loaders import LOADERS
+    from flashtensors.bench.options import SCENARIOS, RunOptions, resolve_checkpoint
     from flashtensors.bench.report import failures, format_header, format_table, summarize, write_json
-    from flashtensors.bench.runner import SCENARIOS, RunOptions, resolve_checkpoint, run_bench
+    from flashtensors.bench.runner import run_bench
     from flashtensors.errors import IntegrityError
 
     options = RunOptions(
