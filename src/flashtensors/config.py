@@ -204,14 +204,16 @@ class Settings:
                 f"(got {_size_text(self.read_size)}, chunk_size {_size_text(self.chunk_size)})"
             )
         if not 2 * self.chunk_size <= (self.ring_size or 2 * self.chunk_size) <= GiB:
-            least = _size_text(2 * self.chunk_size)
+            chunk = _size_text(self.chunk_size)
+            if not self.ring_size:
+                raise ConfigError(
+                    f"ring_size auto needs two chunks in at most 1G, and chunk_size is {chunk}: "
+                    "lower chunk_size to 512M or less"
+                )
             raise ConfigError(
                 f"ring_size must hold two chunks and be at most 1G (got {_size_text(self.ring_size)} with "
-                f"chunk_size {_size_text(self.chunk_size)}): set ring_size between {least} and 1G, or "
+                f"chunk_size {chunk}): set ring_size between {_size_text(2 * self.chunk_size)} and 1G, or "
                 "lower chunk_size"
-                if self.ring_size
-                else f"ring_size auto needs two chunks in at most 1G, and chunk_size is "
-                f"{_size_text(self.chunk_size)}: lower chunk_size to 512M or less"
             )
         if self.register_chunk < MiB or self.register_chunk % 4096:
             raise ConfigError("register_chunk must be a multiple of 4096 and at least 1 MiB")
