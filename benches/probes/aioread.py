@@ -15,6 +15,12 @@ python aioread.py DIR ROUNDS "thr 16 512K 0,thr 16 512K 30,aio 16 512K,aio 32 51
 
 Every kind reads into huge pages: each thread's own R bytes, or Q places of R bytes. Prints one line per
 run and ``AIO {kind: [median GB/s, [runs]]}`` last.
+
+With ``PROBE_TRACE=1`` (nineteenth session), ``thr`` and ``ft`` runs also time every read request, and
+``ft`` every wait of a reader for a free slot of the ring; each run's line then adds the reads' mean
+latency, the mean number in flight over the reads' window, and the slot waits in all (s, summed over
+readers). A load's rate is (reads in flight x request bytes / latency): the trace says which of the
+two falls short of raw's.
 """
 
 import ctypes
@@ -31,6 +37,35 @@ from collections.abc import Callable
 sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))
 from flashtensors.bench.cache import drop_cache  # noqa: E402
 from flashtensors.engine.sysio import Mapping, buffer_at  # noqa: E402
+
+TRACE = os.environ.get("PROBE_TRACE") == "1"
+SPANS: list[tuple[float, float]] = []  # (start, end) of every read request, with TRACE
+WAITS: list[float] = []  # seconds each wait for a free ring slot took, with TRACE
+
+
+def traced(read: Callable[..., int]) -> Callable[..., int]:
+    """``read`` that notes its (start, end) in SPANS; list.append is atomic under the GIL."""
+
+    def timed(*a: object) -> int:
+        began = time.perf_counter()
+        try:
+            return read(*a)
+        finally:
+            SPANS.append((began, time.perf_counter()))
+
+    return timed
+
+
+def trace_summary() -> str:
+    """' lat_ms L inflight C waits_s W nreads N' over SPANS and WAITS ('' without TRACE)."""
+    if not TRACE or not SPANS:
+        return ""
+    busy = sum(e - b for b, e in SPANS)
+    window = max(e for _, e in SPANS) - min(b for b, _ in SPANS)
+    return (
+        f" lat_ms {busy / len(SPANS) * 1e3:.3f} inflight {busy / window:.2f}"
+        f" waits_s {sum(WAITS):.3f} nreads {len(SPANS)}"
+    )
 
 
 def size(text: str) -> int:
@@ -61,6 +96,7 @@ def threaded(
     lock = threading.Lock()
     it = iter(work)
     totals: list[int] = []
+    preadv = traced(os.preadv) if TRACE else os.preadv
     if gpu:
         import torch
 
@@ -85,7 +121,7 @@ def threaded(
                 break
             i, off, length = item
             k = reads % places
-            got = os.preadv(fds[i], [views[k][:length]], off)
+            got = preadv(fds[i], [views[k][:length]], off)
             done, reads = done + got, reads + 1
             if gpu:
                 with torch.cuda.stream(stream):
@@ -192,8 +228,24 @@ def child(files: list[str], spec: str) -> None:
     run: Callable[[], int]
     if kind == "ft":
         import pathlib
+        import queue
 
         from flashtensors.bench import loaders
+        from flashtensors.engine import readers, ring_feeder
+
+        if TRACE:
+            readers.pread_full = traced(readers.pread_full)  # window.read's
+            ring_feeder.pread_full = traced(ring_feeder.pread_full)
+
+            class TimedLifo(queue.LifoQueue):  # type: ignore[type-arg]
+                def get(self, block: bool = True, timeout: float | None = None) -> object:
+                    began = time.perf_counter()
+                    try:
+                        return super().get(block, timeout)
+                    finally:
+                        WAITS.append(time.perf_counter() - began)
+
+            ring_feeder.queue.LifoQueue = TimedLifo  # type: ignore[misc]
 
         target = loaders.Target(pathlib.Path(files[0]).parent, tuple(pathlib.Path(f) for f in files))
 
@@ -216,7 +268,7 @@ def child(files: list[str], spec: str) -> None:
             run = functools.partial(native_aio, fds, work, n, r)
     s = time.perf_counter()
     got = run()
-    print("T", time.perf_counter() - s, got)
+    print("T", time.perf_counter() - s, got, trace_summary())
 
 
 def main() -> None:
@@ -240,7 +292,7 @@ def main() -> None:
             if got < total:
                 print(spec, f"SHORT {got} of {total}", flush=True)
             res[spec].append(round(total / seconds / 1e9, 3))
-            print(rep, spec, res[spec][-1], flush=True)
+            print(rep, spec, res[spec][-1], " ".join(lines[-1].split()[3:]), flush=True)
     print(
         "AIO " + json.dumps({k: [statistics.median(v) if v else None, v] for k, v in res.items()}), flush=True
     )
