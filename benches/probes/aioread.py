@@ -9,7 +9,8 @@ python aioread.py DIR ROUNDS "thr 16 512K 0,thr 16 512K 30,aio 16 512K,aio 32 51
 - ``own N R``: as ``thr N R 0``, but each thread copies its bytes to the GPU itself after each read
   and waits for that copy before its next read (16 landing places, no hand-off to a loading thread);
 - ``ft``: our load with the defaults, onto the GPU (``ft FLASH_RING_SIZE=12M ...``: with those settings;
-  ``ft PROBE_SRC=.probe/TREE/src``: another tree's code);
+  ``ft PROBE_SRC=.probe/TREE/src``: another tree's code; ``PROBE_SWITCH=S``: any kind with the
+  interpreter's switch interval set to S seconds);
 - ``aio Q R``: one thread keeps Q requests of R bytes in flight through Linux native AIO
   (io_submit / io_getevents by syscall, no threads, the GIL released while it waits).
 
@@ -20,7 +21,9 @@ With ``PROBE_TRACE=1`` (nineteenth session), ``thr`` and ``ft`` runs also time e
 ``ft`` every wait of a reader for a free slot of the ring; each run's line then adds the reads' mean
 latency, the mean number in flight over the reads' window, and the slot waits in all (s, summed over
 readers). A load's rate is (reads in flight x request bytes / latency): the trace says which of the
-two falls short of raw's.
+two falls short of raw's. ``ft`` runs also give, per slot, mean/p90 ms (count) of its way back to a
+reader: ``to_owner`` (read done to the owner taking it), ``in_owner`` (taken to freed: its copy queued
+and seen done) and ``to_reader`` (freed to a waiting reader having it).
 """
 
 import ctypes
@@ -33,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.environ.get("PROBE_SRC", "src"))
 from flashtensors.bench.cache import drop_cache  # noqa: E402
@@ -41,6 +45,9 @@ from flashtensors.engine.sysio import Mapping, buffer_at  # noqa: E402
 TRACE = os.environ.get("PROBE_TRACE") == "1"
 SPANS: list[tuple[float, float]] = []  # (start, end) of every read request, with TRACE
 WAITS: list[float] = []  # seconds each wait for a free ring slot took, with TRACE
+# With TRACE, per slot hand-over (ft): reader done -> owner takes it, owner takes it -> slot freed (its
+# copy queued and seen done), slot freed -> a reader that waited for it has it.
+STAGES: dict[str, list[float]] = {"to_owner": [], "in_owner": [], "to_reader": []}
 
 
 def traced(read: Callable[..., int]) -> Callable[..., int]:
@@ -65,6 +72,11 @@ def trace_summary() -> str:
     return (
         f" lat_ms {busy / len(SPANS) * 1e3:.3f} inflight {busy / window:.2f}"
         f" waits_s {sum(WAITS):.3f} nreads {len(SPANS)}"
+        + "".join(
+            f" {k}_ms {statistics.mean(v) * 1e3:.3f}/{sorted(v)[len(v) * 9 // 10] * 1e3:.3f}({len(v)})"
+            for k, v in STAGES.items()
+            if v
+        )
     )
 
 
@@ -220,6 +232,8 @@ def native_aio(fds: list[int], work: list[tuple[int, int, int]], q: int, r: int)
 def child(files: list[str], spec: str) -> None:
     """One timed run of ``spec``; its ``KEY=V`` words reached this process's environment from main."""
     kind, *args = spec.split()
+    if "PROBE_SWITCH" in os.environ:  # the interpreter's switch interval, in seconds (default 0.005)
+        sys.setswitchinterval(float(os.environ["PROBE_SWITCH"]))
     if kind in ("ft", "own"):
         import torch
 
@@ -237,15 +251,47 @@ def child(files: list[str], spec: str) -> None:
             readers.pread_full = traced(readers.pread_full)  # window.read's
             ring_feeder.pread_full = traced(ring_feeder.pread_full)
 
+            # A slot's way back: a reader hands it over full (ready), the owner takes it and queues its
+            # copy (take), the owner frees it once the copy is done (freed), a waiting reader gets it.
+            ready: dict[int, float] = {}
+            taken: dict[int, float] = {}
+            freed: dict[int, float] = {}
+
+            class StampedFull(queue.SimpleQueue):  # type: ignore[type-arg]
+                def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+                    if isinstance(item, tuple):
+                        ready[item[0].offset] = time.perf_counter()
+                    super().put(item, block, timeout)
+
             class TimedLifo(queue.LifoQueue):  # type: ignore[type-arg]
-                def get(self, block: bool = True, timeout: float | None = None) -> object:
+                def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+                    now = time.perf_counter()
+                    if item.offset in taken:
+                        STAGES["in_owner"].append(now - taken.pop(item.offset))
+                    freed[item.offset] = now
+                    super().put(item, block, timeout)
+
+                def get(self, block: bool = True, timeout: float | None = None) -> Any:
                     began = time.perf_counter()
-                    try:
-                        return super().get(block, timeout)
-                    finally:
-                        WAITS.append(time.perf_counter() - began)
+                    slot = super().get(block, timeout)
+                    now = time.perf_counter()
+                    WAITS.append(now - began)
+                    if now - began > 20e-6 and slot.offset in freed:  # it waited: how late it woke
+                        STAGES["to_reader"].append(now - freed[slot.offset])
+                    return slot
+
+            take = ring_feeder.RingFeeder._take
+
+            def timed_take(self: Any, item: Any) -> None:
+                if isinstance(item, tuple) and item[0].offset in ready:
+                    now = time.perf_counter()
+                    STAGES["to_owner"].append(now - ready.pop(item[0].offset))
+                    taken[item[0].offset] = now
+                take(self, item)
 
             ring_feeder.queue.LifoQueue = TimedLifo  # type: ignore[misc]
+            ring_feeder.queue.SimpleQueue = StampedFull  # type: ignore[misc]
+            ring_feeder.RingFeeder._take = timed_take  # type: ignore[method-assign]
 
         target = loaders.Target(pathlib.Path(files[0]).parent, tuple(pathlib.Path(f) for f in files))
 
