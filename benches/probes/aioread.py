@@ -289,6 +289,27 @@ def child(files: list[str], spec: str) -> None:
                     taken[item[0].offset] = now
                 take(self, item)
 
+            try:  # a tree with the native AIO feeder (branch next-lease/aio-feeder): each read from its
+                # submission to its reaping
+                from flashtensors.engine import aio
+
+                submit, reap, sent = aio.Aio.submit, aio.Aio.reap, {}
+
+                def timed_submit(self: Any, reads: list[Any]) -> None:
+                    now = time.perf_counter()
+                    sent.update((r[0], now) for r in reads)
+                    submit(self, reads)
+
+                def timed_reap(self: Any, least: int = 1) -> list[tuple[int, int]]:
+                    got = reap(self, least)
+                    now = time.perf_counter()
+                    SPANS.extend((sent.pop(tag), now) for tag, _ in got)
+                    return got
+
+                aio.Aio.submit, aio.Aio.reap = timed_submit, timed_reap
+            except ImportError:  # a tree without it
+                pass
+
             ring_feeder.queue.LifoQueue = TimedLifo  # type: ignore[misc]
             ring_feeder.queue.SimpleQueue = StampedFull  # type: ignore[misc]
             ring_feeder.RingFeeder._take = timed_take  # type: ignore[method-assign]
