@@ -23,7 +23,10 @@ latency, the mean number in flight over the reads' window, and the slot waits in
 readers). A load's rate is (reads in flight x request bytes / latency): the trace says which of the
 two falls short of raw's. ``ft`` runs also give, per slot, mean/p90 ms (count) of its way back to a
 reader: ``to_owner`` (read done to the owner taking it), ``in_owner`` (taken to freed: its copy queued
-and seen done) and ``to_reader`` (freed to a waiting reader having it).
+and seen done) and ``to_reader`` (freed to a waiting reader having it). With the native AIO feeder
+(branch ``next-lease/aio-feeder``), each refill of its reads while chunks are left is counted: how many
+left fewer than ``depth`` in flight (``short``, for want of an idle slot), by how many on average, and
+the copies not yet freed.
 """
 
 import ctypes
@@ -48,6 +51,8 @@ WAITS: list[float] = []  # seconds each wait for a free ring slot took, with TRA
 # With TRACE, per slot hand-over (ft): reader done -> owner takes it, owner takes it -> slot freed (its
 # copy queued and seen done), slot freed -> a reader that waited for it has it.
 STAGES: dict[str, list[float]] = {"to_owner": [], "in_owner": [], "to_reader": []}
+# With TRACE, the AIO feeder's refills while chunks are left: (reads short of depth, copies not yet freed)
+REFILLS: list[tuple[int, int]] = []
 
 
 def traced(read: Callable[..., int]) -> Callable[..., int]:
@@ -76,6 +81,13 @@ def trace_summary() -> str:
             f" {k}_ms {statistics.mean(v) * 1e3:.3f}/{sorted(v)[len(v) * 9 // 10] * 1e3:.3f}({len(v)})"
             for k, v in STAGES.items()
             if v
+        )
+        + (
+            f" refills {len(REFILLS)} short {sum(1 for k, _ in REFILLS if k)}"
+            f" short_mean {statistics.mean(k for k, _ in REFILLS):.2f}"
+            f" copies_mean {statistics.mean(c for _, c in REFILLS):.2f}"
+            if REFILLS
+            else ""
         )
     )
 
@@ -307,6 +319,19 @@ def child(files: list[str], spec: str) -> None:
                     return got
 
                 aio.Aio.submit, aio.Aio.reap = timed_submit, timed_reap
+
+                from flashtensors.engine import aio_feeder
+
+                refill = aio_feeder.AioFeeder._submit
+
+                def counted_refill(self: Any) -> None:
+                    # after each refill: reads left short of `depth` for want of an idle slot, and the
+                    # slots whose copies were queued and not yet seen done
+                    refill(self)
+                    if self._more:
+                        REFILLS.append((self._depth - len(self._pending), len(self._inflight)))
+
+                aio_feeder.AioFeeder._submit = counted_refill
             except ImportError:  # a tree without it
                 pass
 
