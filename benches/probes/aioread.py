@@ -26,7 +26,8 @@ reader: ``to_owner`` (read done to the owner taking it), ``in_owner`` (taken to 
 and seen done) and ``to_reader`` (freed to a waiting reader having it). With the native AIO feeder
 (branch ``next-lease/aio-feeder``), each refill of its reads while chunks are left is counted: how many
 left fewer than ``depth`` in flight (``short``, for want of an idle slot), by how many on average, and
-the copies not yet freed.
+the copies not yet freed; and the reaps: how many, reads per reap, and the share of the reads' window
+the loading thread spent outside them (``busy``: its own work).
 """
 
 import ctypes
@@ -53,6 +54,8 @@ WAITS: list[float] = []  # seconds each wait for a free ring slot took, with TRA
 STAGES: dict[str, list[float]] = {"to_owner": [], "in_owner": [], "to_reader": []}
 # With TRACE, the AIO feeder's refills while chunks are left: (reads short of depth, copies not yet freed)
 REFILLS: list[tuple[int, int]] = []
+# With TRACE, each reap of native AIO reads: (seconds in it, reads reaped)
+REAPS: list[tuple[float, int]] = []
 
 
 def traced(read: Callable[..., int]) -> Callable[..., int]:
@@ -87,6 +90,12 @@ def trace_summary() -> str:
             f" short_mean {statistics.mean(k for k, _ in REFILLS):.2f}"
             f" copies_mean {statistics.mean(c for _, c in REFILLS):.2f}"
             if REFILLS
+            else ""
+        )
+        + (  # the loading thread's time outside its reaps, over the reads' window: its own work
+            f" reaps {len(REAPS)} per_reap {statistics.mean(n for _, n in REAPS):.2f}"
+            f" busy {1 - sum(t for t, _ in REAPS) / window:.2f}"
+            if REAPS
             else ""
         )
     )
@@ -313,8 +322,10 @@ def child(files: list[str], spec: str) -> None:
                     submit(self, reads)
 
                 def timed_reap(self: Any, least: int = 1) -> list[tuple[int, int]]:
+                    began = time.perf_counter()
                     got = reap(self, least)
                     now = time.perf_counter()
+                    REAPS.append((now - began, len(got)))
                     SPANS.extend((sent.pop(tag), now) for tag, _ in got)
                     return got
 
