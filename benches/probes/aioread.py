@@ -23,11 +23,12 @@ latency, the mean number in flight over the reads' window, and the slot waits in
 readers). A load's rate is (reads in flight x request bytes / latency): the trace says which of the
 two falls short of raw's. ``ft`` runs also give, per slot, mean/p90 ms (count) of its way back to a
 reader: ``to_owner`` (read done to the owner taking it), ``in_owner`` (taken to freed: its copy queued
-and seen done) and ``to_reader`` (freed to a waiting reader having it). With the native AIO feeder
-(branch ``next-lease/aio-feeder``), each refill of its reads while chunks are left is counted: how many
-left fewer than ``depth`` in flight (``short``, for want of an idle slot), by how many on average, and
-the copies not yet freed; and the reaps: how many, reads per reap, and the share of the reads' window
-the loading thread spent outside them (``busy``: its own work).
+and seen done) and ``to_reader`` (freed to a waiting reader having it). With the native AIO feeder (branch
+``next-lease/aio-feeder``), each refill of its reads while chunks are left is counted: how many left fewer
+than ``depth`` in flight (``short``, for want of an idle slot), by how many on average, and the copies not
+yet freed (v2 refills twice per reap: before queueing the reaped slots' copies, when only spare slots are
+idle, so a burst of completions leaves that one short; then after); and the reaps: how many, reads per
+reap, and the share of the reads' window the loading thread spent outside them (``busy``: its own work).
 """
 
 import ctypes
