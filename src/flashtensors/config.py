@@ -157,6 +157,12 @@ VARIABLES: tuple[Variable, ...] = (
         _parse_fraction,
         "share of a file that must be in the page cache for the warm path",
     ),
+    Variable(
+        "FLASH_NATIVE_READS",
+        "native_reads",
+        _parse_bool,
+        "cold O_DIRECT reads by a C loop, built on first use with the system C compiler (0: Python loop)",
+    ),
     Variable("FLASH_DEBUG", "debug", _parse_bool, "show tracebacks"),
 )
 
@@ -178,6 +184,7 @@ class Settings:
     register_chunk: int = 1 * GiB
     warm_ring_threads: int = 8
     resident_fraction: float = 0.9
+    native_reads: bool = True
     debug: bool = False
 
     def validate(self) -> Settings:

@@ -44,3 +44,17 @@ class NoDirect:
                 return _real(fd, *args, **kwargs)
 
             monkeypatch.setattr(os, name, failing)
+
+        # The C loop (engine/native.py) reads with its own pread: where a read of one of these
+        # descriptors would be refused, it is refused there too, before any read (as its first read's
+        # EINVAL does), and the load goes on with the Python loop.
+        from flashtensors.engine import native
+
+        real_native = native.read_regions
+
+        def refusing(regions, fds, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if any(fd in self.direct_fds for fd in fds):
+                raise native.DirectRefused(str(regions[0].path))
+            return real_native(regions, fds, *args, **kwargs)
+
+        monkeypatch.setattr(native, "read_regions", refusing)

@@ -14,6 +14,7 @@ from flashtensors.errors import DeviceError
 _READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the device only reads the pages
 _DEFAULT = 0x00
 _NON_BLOCKING = 0x01  # cudaStreamNonBlocking, as torch's own streams
+_DISABLE_TIMING = 0x02  # cudaEventDisableTiming: the cheapest event to record and wait on
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
@@ -141,6 +142,8 @@ class _Runtime:
             lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
             lib.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+            lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+            lib.cudaEventDestroy.argtypes = [ctypes.c_void_p]
             # The copy keeps the GIL (a PyDLL handle): from pinned memory it only queues work and
             # returns in microseconds, and a call that let go of the GIL would wait to take it back
             # behind whichever thread holds it (the views thread, in a first load).
@@ -169,6 +172,28 @@ class _Runtime:
             self.clear_last_error()
             return None
         return handle.value
+
+    def entry_points(self) -> dict[str, int] | None:
+        """The addresses of the runtime calls a native loop makes without Python
+        (:mod:`flashtensors.engine.native`); None where the runtime cannot be called directly."""
+        if self.lib is None:
+            return None
+        names = ("cudaMemcpyAsync", "cudaEventRecord", "cudaEventSynchronize", "cudaSetDevice")
+        return {n: int(ctypes.cast(getattr(self.lib, n), ctypes.c_void_p).value or 0) for n in names}
+
+    def create_event(self) -> int | None:
+        """A new event without timing on the current device (free it with :meth:`destroy_event`)."""
+        if self.lib is None:
+            return None
+        handle = ctypes.c_void_p()
+        if self.lib.cudaEventCreateWithFlags(ctypes.byref(handle), _DISABLE_TIMING) != 0:
+            self.clear_last_error()
+            return None
+        return handle.value
+
+    def destroy_event(self, event: int) -> None:
+        if self.lib is not None:
+            self.lib.cudaEventDestroy(ctypes.c_void_p(event))
 
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> bool:
         """Queue a host-to-device copy of ``nbytes`` from pinned ``src`` to ``dst`` on ``stream`` (a
@@ -263,3 +288,8 @@ def host_unregister(address: int) -> None:
     rt = _rt()
     if rt.unregister(address) != 0:
         rt.clear_last_error()
+
+
+def runtime() -> _Runtime:
+    """The CUDA runtime torch loaded, called through ctypes (:mod:`flashtensors.engine.native` uses it)."""
+    return _rt()

@@ -61,10 +61,13 @@ class ReadWindow:
         try:
             return pread_full(fd, view, offset)
         finally:
-            ended = time.perf_counter()
-            with self._lock:
-                self.first = began if self.first is None else min(self.first, began)
-                self.last = ended if self.last is None else max(self.last, ended)
+            self.note(began, time.perf_counter())
+
+    def note(self, began: float, ended: float) -> None:
+        """Reads ran from ``began`` to ``ended`` (``perf_counter`` seconds)."""
+        with self._lock:
+            self.first = began if self.first is None else min(self.first, began)
+            self.last = ended if self.last is None else max(self.last, ended)
 
 
 def _jobs(region: FileRegion, fd: int, chunk: int, aligned: bool) -> list[_Job]:

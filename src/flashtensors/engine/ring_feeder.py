@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flashtensors.config import Settings
-from flashtensors.engine import devices
+from flashtensors.engine import devices, native
 from flashtensors.engine.plan import FileRegion
 from flashtensors.engine.readers import ReadWindow, Split, shrank, start_gated
 from flashtensors.engine.staging import Slot, StagingRing, direct_slot_size, staging_ring
@@ -358,6 +358,19 @@ def read_through_ring(
     device = arena.device
     threads = settings.io_threads if direct else settings.cpu_threads
     nbytes = sum(r.file_end - r.file_start for r in regions)
+    if direct and not settings.read_size and settings.native_reads:
+        ran = [False]
+
+        def views() -> None:
+            ran[0] = True
+            if while_reading is not None:
+                while_reading()
+
+        with torch.cuda.device(device):
+            if _read_native(regions, arena, settings, threads, nbytes, window, views):
+                return ["direct"] * len(regions)
+        if ran[0]:
+            while_reading = None  # done already, before a read was refused
     if direct:
         ring = staging_ring(settings, threads, nbytes, direct_slot_size(settings), not settings.read_size)
     else:
@@ -377,3 +390,68 @@ def read_through_ring(
             raise
         feeder.finish()
     return feeder.modes
+
+
+def _read_native(
+    regions: list[FileRegion],
+    arena: torch.Tensor,
+    settings: Settings,
+    threads: int,
+    nbytes: int,
+    window: ReadWindow | None,
+    while_reading: Callable[[], None],
+) -> bool:
+    """Read a cold O_DIRECT load by the C loop (:mod:`flashtensors.engine.native`), with ``threads``
+    readers through the O_DIRECT ring, on the current device; False where it cannot take the load (not
+    built, the runtime not callable directly, a file that refuses O_DIRECT at open or at a read), which
+    the Python loop then reads."""
+    rt = devices.runtime()
+    points = rt.entry_points()
+    if points is None or native.library() is None:
+        return False
+    fds: list[int] = []
+    try:
+        for r in regions:
+            fd = open_direct(r.path)
+            if fd is None:
+                return False
+            fds.append(fd)
+        ring = staging_ring(settings, threads, nbytes, direct_slot_size(settings), True)
+        with ring.lock:
+            for slot in ring.slots:
+                if slot.event is not None:
+                    slot.event.synchronize()  # a copy of the Python loop's, from an earlier load
+                    slot.event = None
+                if not slot.pinned:
+                    ring.buffer.pin(slot.offset)  # 24 slots of 512 KiB: a few ms, once per process
+                    slot.pinned = True
+            stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
+            stream.wait_stream(torch.cuda.current_stream(arena.device))
+            event = rt.create_event()
+            if event is None:
+                return False
+            try:
+                stats = native.read_regions(
+                    regions,
+                    fds,
+                    arena.data_ptr(),
+                    ring.buffer.address,
+                    ring.slot_size,
+                    len(ring.slots),
+                    min(threads, len(ring.slots) - 1),
+                    device=torch.cuda.current_device(),
+                    stream=stream.cuda_stream,
+                    event=event,
+                    entry_points=points,
+                    while_reading=while_reading,
+                )
+            except native.DirectRefused:
+                return False
+            finally:
+                rt.destroy_event(event)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if window is not None and stats.reads:
+        window.note(stats.first_read, stats.last_read)
+    return True

@@ -1,0 +1,264 @@
+"""The cold O_DIRECT loop in C (``ringread.c``): reader threads and one copier, with no Python and no GIL
+between two reads.
+
+Why: in the Python loop (:class:`flashtensors.engine.ring_feeder.RingFeeder`) every hand-off of a slot
+waits for the GIL among 17 threads. On the H200 machine a full slot took 1.2-1.9 ms to come back to a
+reader against ~10 us of copy, the readers waited for slots, and cold 8B loads read 0.83-0.88 of the
+raw O_DIRECT rate of the same files (docs/perf-notes.md, nineteenth and twentieth sessions).
+
+The source ships with the package and is built on first use with the system's C compiler (``$CC``,
+``cc`` or ``gcc``), into ``~/.cache/flashtensors/native`` (``$XDG_CACHE_HOME`` is honoured), once per
+source version. Where no compiler is found or the build fails, :func:`library` returns None, the reason
+is in :func:`unavailable_reason`, and the loads use the Python loop, which reads the same bytes. The
+setting ``native_reads`` (``FLASH_NATIVE_READS=0``) turns the C loop off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from flashtensors.engine.plan import FileRegion
+from flashtensors.engine.readers import shrank
+from flashtensors.errors import DeviceError
+
+_SOURCE = "ringread.c"
+
+# ft_ring_finish's codes (ringread.c)
+_OK, _EREAD, _ESHRANK, _ECUDA, _ESTOPPED, _ETHREAD = range(6)
+
+_lib: ctypes.CDLL | None = None
+_why = ""
+_tried = False
+_lock = threading.Lock()
+
+
+class _Region(ctypes.Structure):
+    _fields_ = [
+        ("fd", ctypes.c_int64),
+        ("file_start", ctypes.c_int64),
+        ("file_end", ctypes.c_int64),
+        ("arena_offset", ctypes.c_int64),
+    ]
+
+
+class _Load(ctypes.Structure):
+    """The public head of ``struct ft_load``; the C side's private fields follow it in the same buffer
+    (:func:`_new_load` sizes it with ``ft_load_size``)."""
+
+    _fields_ = [
+        ("regions", ctypes.c_void_p),
+        ("nregions", ctypes.c_int64),
+        ("ring", ctypes.c_void_p),
+        ("slot_size", ctypes.c_int64),
+        ("nslots", ctypes.c_int64),
+        ("arena", ctypes.c_void_p),
+        ("threads", ctypes.c_int64),
+        ("device", ctypes.c_int64),
+        ("stream", ctypes.c_void_p),
+        ("event", ctypes.c_void_p),
+        ("memcpy_async", ctypes.c_void_p),
+        ("event_record", ctypes.c_void_p),
+        ("event_sync", ctypes.c_void_p),
+        ("set_device", ctypes.c_void_p),
+        ("error", ctypes.c_int64),
+        ("err_errno", ctypes.c_int64),
+        ("err_region", ctypes.c_int64),
+        ("cuda_error", ctypes.c_int64),
+        ("first_read", ctypes.c_double),
+        ("last_read", ctypes.c_double),
+        ("slot_wait_s", ctypes.c_double),
+        ("reads", ctypes.c_int64),
+        ("copies", ctypes.c_int64),
+        ("batches", ctypes.c_int64),
+        ("read_s", ctypes.c_double),
+    ]
+
+
+class DirectRefused(Exception):
+    """A filesystem took O_DIRECT at open but refused a read (EINVAL): load through the Python loop,
+    which reads such files through the page cache."""
+
+
+@dataclass
+class Stats:
+    """What one native load did: the window of its reads (``perf_counter`` seconds), its readers' time
+    waiting for a free slot (summed), its reads, copies, the copier's batches, and the reads' own time
+    (summed: over the window, the mean number of reads in flight)."""
+
+    first_read: float
+    last_read: float
+    slot_wait_s: float
+    reads: int
+    copies: int
+    batches: int
+    read_s: float
+
+
+last_stats: Stats | None = None  # the process's last native load, for probes and the bench's notes
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flashtensors" / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC", ""), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(source: bytes, target: Path) -> str:
+    """Compile ``source`` into ``target`` (written whole, then renamed: a concurrent build or a crash
+    leaves no half-written library); "" on success, else why not."""
+    cc = _compiler()
+    if cc is None:
+        return "no C compiler found (set CC, or install gcc)"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / _SOURCE
+        src.write_bytes(source)
+        out = Path(tmp) / target.name
+        cmd = [cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(out), str(src)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{cc} failed to run: {exc}"
+        if done.returncode != 0:
+            return f"{cc} failed: {done.stderr.strip()[-500:]}"
+        os.replace(out, target)
+    return ""
+
+
+def library() -> ctypes.CDLL | None:
+    """The built C loop, or None where it cannot be built or loaded (see :func:`unavailable_reason`)."""
+    global _lib, _why, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        try:
+            source = resources.files("flashtensors.engine").joinpath(_SOURCE).read_bytes()
+            tag = hashlib.sha256(source).hexdigest()[:16]
+            target = _cache_dir() / f"ringread-{tag}-{platform.machine()}.so"
+            if not target.exists():
+                _why = _build(source, target)
+                if _why:
+                    return None
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            _why = f"the C loop could not be built or loaded: {exc}"
+            return None
+        lib.ft_load_size.restype = ctypes.c_size_t
+        for name in ("ft_ring_start", "ft_ring_finish", "ft_ring_wait"):
+            getattr(lib, name).restype = ctypes.c_int64
+        lib.ft_ring_start.argtypes = [ctypes.c_void_p]
+        lib.ft_ring_finish.argtypes = [ctypes.c_void_p]
+        lib.ft_ring_wait.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.ft_ring_stop.argtypes = [ctypes.c_void_p]
+        _lib = lib
+        return _lib
+
+
+def unavailable_reason() -> str:
+    """Why :func:`library` returned None ("" when it did not, or was not asked yet)."""
+    return _why
+
+
+def read_regions(
+    regions: Sequence[FileRegion],
+    fds: Sequence[int],
+    arena: int,
+    ring: int,
+    slot_size: int,
+    nslots: int,
+    threads: int,
+    *,
+    device: int = 0,
+    stream: int = 0,
+    event: int = 0,
+    entry_points: dict[str, int] | None = None,
+    while_reading: Callable[[], None] | None = None,
+) -> Stats:
+    """Read ``regions`` (opened as ``fds``, O_DIRECT or not) through ``nslots`` slots of ``slot_size``
+    bytes at host address ``ring`` (page-aligned) into the arena at ``arena``, with ``threads`` readers.
+
+    With ``entry_points`` (:meth:`flashtensors.engine.devices._Runtime.entry_points`), ``arena`` is a
+    device address on ``device``; the copies go on ``stream`` (a cudaStream_t that already waits for
+    whatever made the arena), and ``event`` (a cudaEvent_t) is recorded behind each batch of copies and
+    waited on before the batch's slots are read into again, so every copy is done when this returns.
+    Without, ``arena`` is host memory and the copies are ``memcpy``. ``while_reading`` runs on this
+    thread while the first reads fly.
+
+    Raises:
+        DirectRefused: an O_DIRECT read was refused (EINVAL); nothing is left running.
+        OSError: a read failed (the path and errno are in it).
+        FormatError: a file ended before its region did.
+        DeviceError: the runtime refused a copy.
+        RuntimeError: the C loop is not available (check :func:`library` first).
+    """
+    global last_stats
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native read loop is not available: {unavailable_reason()}")
+    table = (_Region * max(1, len(regions)))()
+    for k, (r, fd) in enumerate(zip(regions, fds, strict=True)):
+        table[k] = _Region(fd, r.file_start, r.file_end, r.arena_offset)
+    buf = ctypes.create_string_buffer(max(int(lib.ft_load_size()), ctypes.sizeof(_Load)))
+    ld = _Load.from_buffer(buf)
+    ld.regions, ld.nregions = ctypes.addressof(table), len(regions)
+    ld.ring, ld.slot_size, ld.nslots = ring, slot_size, nslots
+    ld.arena, ld.threads, ld.device = arena, max(1, threads), device
+    ld.stream, ld.event = stream or None, event or None
+    if entry_points is not None:
+        ld.memcpy_async = entry_points["cudaMemcpyAsync"]
+        ld.event_record = entry_points["cudaEventRecord"]
+        ld.event_sync = entry_points["cudaEventSynchronize"]
+        ld.set_device = entry_points["cudaSetDevice"]
+    address = ctypes.addressof(buf)
+    if lib.ft_ring_start(address) == _OK:
+        try:
+            if while_reading is not None:
+                while_reading()
+            while not lib.ft_ring_wait(address, 200):  # the GIL is let go; interrupts come between
+                pass
+        except BaseException:
+            lib.ft_ring_stop(address)
+            lib.ft_ring_finish(address)
+            raise
+    code = int(lib.ft_ring_finish(address))
+    last_stats = Stats(
+        ld.first_read, ld.last_read, ld.slot_wait_s, ld.reads, ld.copies, ld.batches, ld.read_s
+    )
+    if code == _OK:
+        return last_stats
+    path = regions[ld.err_region].path if 0 <= ld.err_region < len(regions) else None
+    if code == _EREAD:
+        if ld.err_errno == errno.EINVAL:
+            raise DirectRefused(str(path))
+        raise OSError(int(ld.err_errno), os.strerror(int(ld.err_errno)), str(path))
+    if code == _ESHRANK:
+        raise shrank(path)
+    if code == _ECUDA:
+        raise DeviceError(
+            f"cudaMemcpyAsync or an event of the cold read failed with CUDA error {ld.cuda_error}",
+            hint="check `nvidia-smi` for the GPU's state; a GPU reset or a driver restart may be needed",
+        )
+    if code == _ETHREAD:
+        raise OSError(
+            int(ld.err_errno), f"could not start the read threads: {os.strerror(int(ld.err_errno))}"
+        )
+    raise RuntimeError(f"the native read loop stopped with code {code}")

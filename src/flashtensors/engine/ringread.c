@@ -1,0 +1,340 @@
+/* Cold O_DIRECT reads through the staging ring with no Python between the reads.
+
+   Reader threads claim the load's bytes from the front, slot by slot, read each slot in one request and
+   hand it to one copier thread, which queues its copy to the GPU and gives the slot back once the copy
+   is done. In Python the same loop needs the GIL at each hand-off: with 17 threads a full slot took
+   1.2-1.9 ms to come back to a reader, against ~10 us of copy, and the readers waited for slots
+   (docs/perf-notes.md, nineteenth session). Here a hand-off is a mutex and a condition variable.
+
+   The CUDA runtime is not linked: the caller passes the addresses of cudaMemcpyAsync, cudaEventRecord,
+   cudaEventSynchronize and cudaSetDevice from the runtime torch loaded. Without them (NULL) the copier
+   copies with memcpy into host memory, which the CPU tests use.
+
+   Built by flashtensors.engine.native with the system C compiler, loaded with ctypes; a caller's call
+   into ft_ring_finish lets go of the GIL until the load is done. */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define FT_ALIGN 4096
+#define FT_OK 0
+#define FT_EREAD 1   /* a read failed: err_errno, err_region */
+#define FT_ESHRANK 2 /* a file ended before its region did: err_region */
+#define FT_ECUDA 3   /* the runtime refused a copy or an event: cuda_error */
+#define FT_ESTOPPED 4
+#define FT_ETHREAD 5 /* a thread could not be started: err_errno */
+
+typedef int (*memcpy_async_fn)(void *, const void *, size_t, int, void *);
+typedef int (*event_record_fn)(void *, void *);
+typedef int (*event_sync_fn)(void *);
+typedef int (*set_device_fn)(int);
+
+struct ft_region {
+    int64_t fd;
+    int64_t file_start, file_end; /* file_start on a 4 KiB file offset */
+    int64_t arena_offset;
+};
+
+struct ft_full {
+    int32_t slot, region;
+    int64_t offset, n;
+};
+
+struct ft_load {
+    /* set by the caller */
+    const struct ft_region *regions;
+    int64_t nregions;
+    uint8_t *ring;
+    int64_t slot_size; /* a multiple of 4 KiB */
+    int64_t nslots;
+    uint8_t *arena; /* a device address, or host memory without memcpy_async */
+    int64_t threads;
+    int64_t device;
+    void *stream;
+    void *event; /* recorded behind each batch of copies, waited on before the batch's slots are reused */
+    memcpy_async_fn memcpy_async;
+    event_record_fn event_record;
+    event_sync_fn event_sync;
+    set_device_fn set_device;
+    /* results */
+    int64_t error, err_errno, err_region, cuda_error;
+    double first_read, last_read; /* CLOCK_MONOTONIC seconds, as Python's perf_counter */
+    double slot_wait_s;           /* readers' time waiting for a free slot, summed */
+    int64_t reads, copies, batches;
+    double read_s; /* the reads' own time, summed: over the window, the reads in flight */
+    /* private */
+    pthread_mutex_t lock;
+    pthread_cond_t free_cv, full_cv;
+    int32_t *free_slots; /* a stack: the slot freed last is reused first */
+    int64_t free_top;
+    struct ft_full *full; /* a ring buffer of nslots entries */
+    int64_t full_head, full_count;
+    int64_t region, pos; /* the next claim */
+    int64_t readers_running;
+    int stop;
+    pthread_t *readers;
+    int64_t started;
+    pthread_t copier;
+    int copier_started;
+    int done; /* the copier has left: nothing more is read or copied */
+    pthread_cond_t done_cv;
+};
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Record the first error only, and stop every thread; the caller holds the lock. */
+static void fail(struct ft_load *ld, int64_t code, int64_t err, int64_t region) {
+    if (ld->error == FT_OK) {
+        ld->error = code;
+        ld->err_errno = err;
+        ld->err_region = region;
+    }
+    ld->stop = 1;
+    pthread_cond_broadcast(&ld->free_cv);
+    pthread_cond_broadcast(&ld->full_cv);
+}
+
+/* Read up to want bytes at offset; stops at the end of the file. Bytes read, or -errno. */
+static int64_t read_full(int fd, uint8_t *buf, int64_t want, int64_t offset) {
+    int64_t done = 0;
+    while (done < want) {
+        ssize_t r = pread(fd, buf + done, (size_t)(want - done), (off_t)(offset + done));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -(int64_t)errno;
+        }
+        if (r == 0)
+            break;
+        done += r;
+        if (r % FT_ALIGN)
+            break; /* a short O_DIRECT read ends at the end of the file */
+    }
+    return done;
+}
+
+static void *reader(void *arg) {
+    struct ft_load *ld = arg;
+    pthread_mutex_lock(&ld->lock);
+    for (;;) {
+        if (ld->stop || ld->region >= ld->nregions)
+            break;
+        const struct ft_region *r = &ld->regions[ld->region];
+        int64_t region = ld->region, offset = ld->pos;
+        int64_t n = r->file_end - offset < ld->slot_size ? r->file_end - offset : ld->slot_size;
+        ld->pos += n;
+        while (ld->region < ld->nregions && ld->pos >= ld->regions[ld->region].file_end) {
+            ld->region++; /* empty regions are skipped too */
+            if (ld->region < ld->nregions)
+                ld->pos = ld->regions[ld->region].file_start;
+        }
+        if (n <= 0)
+            continue;
+        if (ld->free_top == 0) {
+            double began = now();
+            while (ld->free_top == 0 && !ld->stop)
+                pthread_cond_wait(&ld->free_cv, &ld->lock);
+            ld->slot_wait_s += now() - began;
+            if (ld->stop)
+                break;
+        }
+        int32_t slot = ld->free_slots[--ld->free_top];
+        pthread_mutex_unlock(&ld->lock);
+
+        int64_t want = (n + FT_ALIGN - 1) / FT_ALIGN * FT_ALIGN;
+        double began = now();
+        int64_t got = read_full((int)r->fd, ld->ring + (int64_t)slot * ld->slot_size, want, offset);
+        double ended = now();
+
+        pthread_mutex_lock(&ld->lock);
+        if (ld->first_read == 0 || began < ld->first_read)
+            ld->first_read = began;
+        if (ended > ld->last_read)
+            ld->last_read = ended;
+        ld->reads++;
+        ld->read_s += ended - began;
+        if (got < 0 || got < n) {
+            ld->free_slots[ld->free_top++] = slot;
+            if (got < 0)
+                fail(ld, FT_EREAD, -got, region);
+            else
+                fail(ld, FT_ESHRANK, 0, region);
+            break;
+        }
+        struct ft_full *f = &ld->full[(ld->full_head + ld->full_count) % ld->nslots];
+        f->slot = slot;
+        f->region = (int32_t)region;
+        f->offset = offset;
+        f->n = n;
+        ld->full_count++;
+        pthread_cond_signal(&ld->full_cv);
+    }
+    ld->readers_running--;
+    pthread_cond_broadcast(&ld->full_cv);
+    pthread_mutex_unlock(&ld->lock);
+    return NULL;
+}
+
+static void *copier(void *arg) {
+    struct ft_load *ld = arg;
+    struct ft_full *batch = calloc((size_t)ld->nslots, sizeof *batch);
+    if (ld->set_device)
+        ld->set_device((int)ld->device); /* a new thread's runtime calls go to device 0 otherwise */
+    pthread_mutex_lock(&ld->lock);
+    if (!batch)
+        fail(ld, FT_ETHREAD, ENOMEM, -1);
+    for (;;) {
+        while (ld->full_count == 0 && ld->readers_running > 0 && !ld->stop)
+            pthread_cond_wait(&ld->full_cv, &ld->lock);
+        if (ld->stop || ld->full_count == 0)
+            break;
+        int64_t count = ld->full_count;
+        for (int64_t k = 0; k < count; k++)
+            batch[k] = ld->full[(ld->full_head + k) % ld->nslots];
+        ld->full_head = (ld->full_head + count) % ld->nslots;
+        ld->full_count = 0;
+        pthread_mutex_unlock(&ld->lock);
+
+        int err = 0;
+        for (int64_t k = 0; k < count && !err; k++) {
+            const struct ft_region *r = &ld->regions[batch[k].region];
+            uint8_t *dst = ld->arena + r->arena_offset + (batch[k].offset - r->file_start);
+            uint8_t *src = ld->ring + (int64_t)batch[k].slot * ld->slot_size;
+            if (ld->memcpy_async)
+                err = ld->memcpy_async(dst, src, (size_t)batch[k].n, 1 /* host to device */, ld->stream);
+            else
+                memcpy(dst, src, (size_t)batch[k].n);
+        }
+        if (!err && ld->event_record) {
+            err = ld->event_record(ld->event, ld->stream);
+            if (!err)
+                err = ld->event_sync(ld->event); /* ~10 us per 512 KiB slot: then the slots are free */
+        }
+
+        pthread_mutex_lock(&ld->lock);
+        for (int64_t k = 0; k < count; k++)
+            ld->free_slots[ld->free_top++] = batch[k].slot;
+        ld->copies += count;
+        ld->batches++;
+        pthread_cond_broadcast(&ld->free_cv);
+        if (err) {
+            ld->cuda_error = err;
+            fail(ld, FT_ECUDA, 0, -1);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&ld->lock);
+    if (ld->event_sync && ld->event_record && ld->error) {
+        /* a failed load: no copy queued here may still write into an arena the caller frees */
+        if (ld->event_record(ld->event, ld->stream) == 0)
+            ld->event_sync(ld->event);
+    }
+    free(batch);
+    pthread_mutex_lock(&ld->lock);
+    ld->done = 1;
+    pthread_cond_broadcast(&ld->done_cv);
+    pthread_mutex_unlock(&ld->lock);
+    return NULL;
+}
+
+size_t ft_load_size(void) { return sizeof(struct ft_load); }
+
+/* Start the readers and the copier; returns FT_OK, or an error with every thread already joined. */
+int64_t ft_ring_start(struct ft_load *ld) {
+    pthread_mutex_init(&ld->lock, NULL);
+    pthread_cond_init(&ld->free_cv, NULL);
+    pthread_cond_init(&ld->full_cv, NULL);
+    pthread_cond_init(&ld->done_cv, NULL);
+    ld->free_slots = calloc((size_t)ld->nslots, sizeof *ld->free_slots);
+    ld->full = calloc((size_t)ld->nslots, sizeof *ld->full);
+    ld->readers = calloc((size_t)ld->threads, sizeof *ld->readers);
+    if (!ld->free_slots || !ld->full || !ld->readers) {
+        ld->error = FT_ETHREAD;
+        ld->err_errno = ENOMEM;
+        ld->done = 1;
+        return ld->error;
+    }
+    for (int64_t s = ld->nslots - 1; s >= 0; s--)
+        ld->free_slots[ld->free_top++] = (int32_t)s; /* slot 0 on top */
+    ld->region = 0;
+    ld->pos = ld->nregions ? ld->regions[0].file_start : 0;
+    while (ld->region < ld->nregions && ld->pos >= ld->regions[ld->region].file_end) {
+        ld->region++;
+        if (ld->region < ld->nregions)
+            ld->pos = ld->regions[ld->region].file_start;
+    }
+    pthread_mutex_lock(&ld->lock); /* the threads start together, once all exist */
+    int rc = pthread_create(&ld->copier, NULL, copier, ld);
+    ld->copier_started = rc == 0;
+    if (rc != 0)
+        ld->done = 1;
+    for (int64_t t = 0; rc == 0 && t < ld->threads; t++) {
+        rc = pthread_create(&ld->readers[t], NULL, reader, ld);
+        if (rc == 0) {
+            ld->started++;
+            ld->readers_running++;
+        }
+    }
+    if (rc != 0)
+        fail(ld, FT_ETHREAD, rc, -1);
+    pthread_mutex_unlock(&ld->lock);
+    return FT_OK;
+}
+
+/* Wait up to ms milliseconds for the load to end; 1 when it has (then call ft_ring_finish). The caller
+   waits in short steps, so that Python can take an interrupt between them. */
+int64_t ft_ring_wait(struct ft_load *ld, int64_t ms) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += ms / 1000;
+    until.tv_nsec += (ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&ld->lock);
+    while (!ld->done) {
+        if (pthread_cond_timedwait(&ld->done_cv, &ld->lock, &until) == ETIMEDOUT)
+            break;
+    }
+    int64_t done = ld->done;
+    pthread_mutex_unlock(&ld->lock);
+    return done;
+}
+
+/* Ask every thread to stop after the read or copy it is in (a failed or interrupted load). */
+void ft_ring_stop(struct ft_load *ld) {
+    pthread_mutex_lock(&ld->lock);
+    fail(ld, FT_ESTOPPED, 0, -1);
+    pthread_mutex_unlock(&ld->lock);
+}
+
+/* Wait until every slot read is copied (and, on a GPU, every copy done), then free what start made.
+   Returns the load's error code (FT_OK: every byte of every region is in the arena). */
+int64_t ft_ring_finish(struct ft_load *ld) {
+    for (int64_t t = 0; t < ld->started; t++)
+        pthread_join(ld->readers[t], NULL);
+    if (ld->copier_started)
+        pthread_join(ld->copier, NULL);
+    free(ld->free_slots);
+    free(ld->full);
+    free(ld->readers);
+    ld->free_slots = NULL;
+    ld->full = NULL;
+    ld->readers = NULL;
+    pthread_cond_destroy(&ld->free_cv);
+    pthread_cond_destroy(&ld->full_cv);
+    pthread_cond_destroy(&ld->done_cv);
+    pthread_mutex_destroy(&ld->lock);
+    return ld->error;
+}
