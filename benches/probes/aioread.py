@@ -372,7 +372,19 @@ def child(files: list[str], spec: str) -> None:
             run = functools.partial(native_aio, fds, work, n, r)
     s = time.perf_counter()
     got = run()
-    print("T", time.perf_counter() - s, got, trace_summary())
+    print("T", time.perf_counter() - s, got, trace_summary() + native_summary())
+
+
+def native_summary() -> str:
+    """The C loop's own counts (engine/native.py), where this run's load took it."""
+    st = getattr(sys.modules.get("flashtensors.engine.native"), "last_stats", None)
+    if st is None or not st.reads:
+        return ""
+    window = max(st.last_read - st.first_read, 1e-9)
+    return (
+        f" native lat_ms {st.read_s / st.reads * 1e3:.3f} inflight {st.read_s / window:.2f}"
+        f" waits_s {st.slot_wait_s:.3f} nreads {st.reads} per_batch {st.copies / max(1, st.batches):.2f}"
+    )
 
 
 def main() -> None:
