@@ -6,6 +6,7 @@ safetensors', bit for bit, on checkpoints built here."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from flashtensors.engine.plan import make_plan
 from flashtensors.engine.sysio import Mapping, open_direct
 from flashtensors.errors import FormatError
 from helpers.compare import assert_same, checkpoint_files, reference_load
+from helpers.stfile import build, random_spec, write
 
 KiB = 1024
 
@@ -67,6 +69,24 @@ def test_regions_of_every_size(index_dir: Path, ring_file: Path, all_dtypes_file
     for r in plan.regions:  # type: ignore[attr-defined]
         want = r.path.read_bytes()[r.file_start : r.file_end]
         assert bytes(arena[r.arena_offset : r.arena_offset + r.nbytes].numpy()) == want, r.path
+
+
+def test_headers_longer_than_a_page(tmp_path: Path) -> None:
+    """Files whose header runs past the first 4 KiB (as every real checkpoint's does): their regions
+    start at a later page, and each byte still lands at its tensor's place."""
+    files = []
+    for k in range(2):
+        specs = [
+            random_spec(f"layers.{k}.{j}.weight", "BF16", (3 + j % 5, 7), seed=10 * k + j) for j in range(300)
+        ]
+        files.append(write(tmp_path / f"part{k}.safetensors", build(specs)))
+    plan, arena, _ = _read(files, 5, 8 * KiB, 7, True)
+    assert all(r.file_start >= 4096 for r in plan.regions)  # type: ignore[attr-defined]
+    api._relocate(plan, arena)  # type: ignore[arg-type]
+    ref: dict[str, torch.Tensor] = {}
+    for f in files:
+        ref.update(reference_load(f))
+    assert_same(api._views(plan, arena), ref)  # type: ignore[arg-type]
 
 
 def test_a_file_that_shrank_is_an_error_naming_it(
@@ -138,6 +158,7 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: p
     """A fresh cache: the build writes one library there, and a missing compiler is a reason, not a
     crash (the loads then take the Python loop)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_packaged", lambda tag: None)  # as if the install built none
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_lib", None)
     assert native.library() is not None
@@ -152,3 +173,19 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(native, "_lib", None)
     assert native.library() is None
     assert "no C compiler" in native.unavailable_reason()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_an_installed_library_is_used_only_for_its_own_source(tmp_path: Path, stale: bool) -> None:
+    """The install's library reports its source's tag; one built from another version of the source
+    (an install older than the checkout) is passed over, and the loop is then built from this source."""
+    source = (Path(native.__file__).parent / "ringread.c").read_bytes()
+    tag = native._tag(source)
+    built = "0" * 16 if stale else tag
+    src = tmp_path / "ringread.c"
+    src.write_bytes(source)
+    cc = native._compiler()
+    assert cc is not None
+    cmd = [cc, "-O2", "-shared", "-fPIC", "-pthread", f'-DFT_SOURCE_TAG="{built}"']
+    subprocess.run([*cmd, "-o", str(tmp_path / "_ringread.test.so"), str(src)], check=True)
+    assert (native._packaged(tag, tmp_path) is None) == stale

@@ -6,11 +6,13 @@ waits for the GIL among 17 threads. On the H200 machine a full slot took 1.2-1.9
 reader against ~10 us of copy, the readers waited for slots, and cold 8B loads read 0.83-0.88 of the
 raw O_DIRECT rate of the same files (docs/perf-notes.md, nineteenth and twentieth sessions).
 
-The source ships with the package and is built on first use with the system's C compiler (``$CC``,
-``cc`` or ``gcc``), into ``~/.cache/flashtensors/native`` (``$XDG_CACHE_HOME`` is honoured), once per
-source version. Where no compiler is found or the build fails, :func:`library` returns None, the reason
-is in :func:`unavailable_reason`, and the loads use the Python loop, which reads the same bytes. The
-setting ``native_reads`` (``FLASH_NATIVE_READS=0``) turns the C loop off.
+The install builds it (``setup.py``, ``_ringread*.so`` beside this module) where a C compiler is found;
+it is used while its source tag matches this source. Otherwise it is built on first use with the
+system's C compiler (``$CC``, ``cc`` or ``gcc``), into ``~/.cache/flashtensors/native``
+(``$XDG_CACHE_HOME`` is honoured), once per source version: 0.31 s, inside the first cold load that
+needs it. Where no compiler is found or the build fails, :func:`library` returns None, the reason is in
+:func:`unavailable_reason`, and the loads use the Python loop, which reads the same bytes. The setting
+``native_reads`` (``FLASH_NATIVE_READS=0``) turns the C loop off.
 """
 
 from __future__ import annotations
@@ -121,6 +123,24 @@ def _compiler() -> str | None:
     return None
 
 
+def _tag(source: bytes) -> str:
+    return hashlib.sha256(source).hexdigest()[:16]
+
+
+def _packaged(tag: str, folder: Path | None = None) -> ctypes.CDLL | None:
+    """The library the install built beside this module (or in ``folder``), if its source tag is
+    ``tag``: an install older than the source is not used."""
+    for path in sorted((folder or Path(__file__).parent).glob("_ringread*.so")):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        lib.ft_source_tag.restype = ctypes.c_char_p
+        if lib.ft_source_tag() == tag.encode():
+            return lib
+    return None
+
+
 def _build(source: bytes, target: Path) -> str:
     """Compile ``source`` into ``target`` (written whole, then renamed: a concurrent build or a crash
     leaves no half-written library); "" on success, else why not."""
@@ -132,7 +152,8 @@ def _build(source: bytes, target: Path) -> str:
         src = Path(tmp) / _SOURCE
         src.write_bytes(source)
         out = Path(tmp) / target.name
-        cmd = [cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(out), str(src)]
+        tag = f'-DFT_SOURCE_TAG="{_tag(source)}"'
+        cmd = [cc, "-O2", "-shared", "-fPIC", "-pthread", tag, "-o", str(out), str(src)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -152,13 +173,14 @@ def library() -> ctypes.CDLL | None:
         _tried = True
         try:
             source = resources.files("flashtensors.engine").joinpath(_SOURCE).read_bytes()
-            tag = hashlib.sha256(source).hexdigest()[:16]
-            target = _cache_dir() / f"ringread-{tag}-{platform.machine()}.so"
-            if not target.exists():
-                _why = _build(source, target)
-                if _why:
-                    return None
-            lib = ctypes.CDLL(str(target))
+            lib = _packaged(_tag(source))
+            if lib is None:
+                target = _cache_dir() / f"ringread-{_tag(source)}-{platform.machine()}.so"
+                if not target.exists():
+                    _why = _build(source, target)
+                    if _why:
+                        return None
+                lib = ctypes.CDLL(str(target))
         except OSError as exc:
             _why = f"the C loop could not be built or loaded: {exc}"
             return None

@@ -10,8 +10,8 @@
    cudaEventSynchronize and cudaSetDevice from the runtime torch loaded. Without them (NULL) the copier
    copies with memcpy into host memory, which the CPU tests use.
 
-   Built by flashtensors.engine.native with the system C compiler, loaded with ctypes; a caller's call
-   into ft_ring_finish lets go of the GIL until the load is done. */
+   Built at install time (setup.py), or else on first use by flashtensors.engine.native with the system C
+   compiler; loaded with ctypes, whose calls let go of the GIL. */
 
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,6 +21,10 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifndef FT_SOURCE_TAG
+#define FT_SOURCE_TAG "" /* set by the build: the first 16 hex digits of this file's sha256 */
+#endif
 
 #define FT_ALIGN 4096
 #define FT_OK 0
@@ -248,6 +252,8 @@ static void *copier(void *arg) {
 }
 
 size_t ft_load_size(void) { return sizeof(struct ft_load); }
+
+const char *ft_source_tag(void) { return FT_SOURCE_TAG; }
 
 /* Start the readers and the copier; returns FT_OK, or an error with every thread already joined. */
 int64_t ft_ring_start(struct ft_load *ld) {
