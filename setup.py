@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 
 SOURCE = "src/flashtensors/engine/ringread.c"
 # The library reports this tag; flashtensors.engine.native loads it only while the source still matches.
-TAG = hashlib.sha256(Path(__file__).with_name("src").joinpath("flashtensors/engine/ringread.c").read_bytes())
+TAG = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes())
 
 setup(
     ext_modules=[

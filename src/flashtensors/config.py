@@ -161,7 +161,7 @@ VARIABLES: tuple[Variable, ...] = (
         "FLASH_NATIVE_READS",
         "native_reads",
         _parse_bool,
-        "cold O_DIRECT reads by a C loop, built on first use with the system C compiler (0: Python loop)",
+        "cold O_DIRECT reads by a C loop, built by the install or on first use (0: the Python loop)",
     ),
     Variable("FLASH_DEBUG", "debug", _parse_bool, "show tracebacks"),
 )

@@ -352,6 +352,11 @@ def read_through_ring(
     took the views' paths at import (``api.warm_views``): 2.3-4.7 ms since, and the readers' mean wait
     between reads fell from 1.3-2.2 ms to 0.04-0.05 ms (``coldwin.py``, H100 machine, 2026-11-28).
 
+    With ``read_size`` auto and ``native_reads`` (the defaults), O_DIRECT loads are read by the C loop
+    instead (:func:`_read_native`, :mod:`flashtensors.engine.native`): the same ring, the same claims
+    from the front, but readers and a copier with no Python between two reads. Where it cannot take a
+    load (no library, no direct runtime calls, a file that refuses O_DIRECT), this Python loop reads it.
+
     Returns:
         The path each region took: "direct", or "buffered" (asked for, or O_DIRECT refused).
     """
@@ -423,7 +428,10 @@ def _read_native(
                     slot.event.synchronize()  # a copy of the Python loop's, from an earlier load
                     slot.event = None
                 if not slot.pinned:
-                    ring.buffer.pin(slot.offset)  # 24 slots of 512 KiB: a few ms, once per process
+                    # Before the reads start: with the rest of the setup, 33-47 ms before the first read
+                    # (10-20 with the Python loop, which pins at each slot's first copy; perf-notes,
+                    # twentieth session, Open 2). Once per process.
+                    ring.buffer.pin(slot.offset)
                     slot.pinned = True
             stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
             stream.wait_stream(torch.cuda.current_stream(arena.device))
