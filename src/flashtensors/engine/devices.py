@@ -163,15 +163,20 @@ class _Runtime:
             return int(self.lib.cudaHostUnregister(address))
         return int(torch.cuda.cudart().cudaHostUnregister(address))
 
-    def create_stream(self) -> int | None:
-        """A new non-blocking stream on the current device (never destroyed); None where it failed."""
+    def _create(self, name: str, flags: int) -> int | None:
+        """A handle from the runtime's ``name(&handle, flags)`` (a stream, an event); None where the
+        runtime cannot be called directly or refused."""
         if self.lib is None:
             return None
         handle = ctypes.c_void_p()
-        if self.lib.cudaStreamCreateWithFlags(ctypes.byref(handle), _NON_BLOCKING) != 0:
+        if getattr(self.lib, name)(ctypes.byref(handle), flags) != 0:
             self.clear_last_error()
             return None
         return handle.value
+
+    def create_stream(self) -> int | None:
+        """A new non-blocking stream on the current device (never destroyed); None where it failed."""
+        return self._create("cudaStreamCreateWithFlags", _NON_BLOCKING)
 
     def entry_points(self) -> dict[str, int] | None:
         """The addresses of the runtime calls a native loop makes without Python
@@ -183,13 +188,7 @@ class _Runtime:
 
     def create_event(self) -> int | None:
         """A new event without timing on the current device (free it with :meth:`destroy_event`)."""
-        if self.lib is None:
-            return None
-        handle = ctypes.c_void_p()
-        if self.lib.cudaEventCreateWithFlags(ctypes.byref(handle), _DISABLE_TIMING) != 0:
-            self.clear_last_error()
-            return None
-        return handle.value
+        return self._create("cudaEventCreateWithFlags", _DISABLE_TIMING)
 
     def destroy_event(self, event: int) -> None:
         if self.lib is not None:

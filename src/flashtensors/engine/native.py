@@ -13,6 +13,9 @@ system's C compiler (``$CC``, ``cc`` or ``gcc``), into ``~/.cache/flashtensors/n
 needs it. Where no compiler is found or the build fails, :func:`library` returns None, the reason is in
 :func:`unavailable_reason`, and the loads use the Python loop, which reads the same bytes. The setting
 ``native_reads`` (``FLASH_NATIVE_READS=0``) turns the C loop off.
+
+:func:`read_regions` is the binding (host memory on CPU, for the tests; a device arena on a GPU);
+:func:`read_ring` runs a cold load through it with the O_DIRECT staging ring, a stream and an event.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import torch
+
+from flashtensors.config import Settings
+from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
-from flashtensors.engine.readers import shrank
+from flashtensors.engine.readers import ReadWindow, shrank
+from flashtensors.engine.staging import direct_slot_size, staging_ring
+from flashtensors.engine.streams import own_side_stream, pooled_stream
+from flashtensors.engine.sysio import open_direct
 from flashtensors.errors import DeviceError
 
 _SOURCE = "ringread.c"
@@ -284,3 +294,71 @@ def read_regions(
             int(ld.err_errno), f"could not start the read threads: {os.strerror(int(ld.err_errno))}"
         )
     raise RuntimeError(f"the native read loop stopped with code {code}")
+
+
+def read_ring(
+    regions: list[FileRegion],
+    arena: torch.Tensor,
+    settings: Settings,
+    threads: int,
+    nbytes: int,
+    window: ReadWindow | None,
+    while_reading: Callable[[], None],
+) -> bool:
+    """Read a cold O_DIRECT load by the C loop, with ``threads`` readers through the O_DIRECT staging
+    ring, on the current device; False where it cannot take the load (not built, the runtime not
+    callable directly, a file that refuses O_DIRECT at open or at a read), which the Python loop
+    (:func:`flashtensors.engine.ring_feeder.read_through_ring`) then reads."""
+    rt = devices.runtime()
+    points = rt.entry_points()
+    if points is None or library() is None:
+        return False
+    fds: list[int] = []
+    try:
+        for r in regions:
+            fd = open_direct(r.path)
+            if fd is None:
+                return False
+            fds.append(fd)
+        ring = staging_ring(settings, threads, nbytes, direct_slot_size(settings), True)
+        with ring.lock:
+            for slot in ring.slots:
+                if slot.event is not None:
+                    slot.event.synchronize()  # a copy of the Python loop's, from an earlier load
+                    slot.event = None
+                if not slot.pinned:
+                    # Before the reads start: with the rest of the setup, 33-47 ms before the first read
+                    # (10-20 with the Python loop, which pins at each slot's first copy; perf-notes,
+                    # twentieth session, Open 2). Once per process.
+                    ring.buffer.pin(slot.offset)
+                    slot.pinned = True
+            stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
+            stream.wait_stream(torch.cuda.current_stream(arena.device))
+            event = rt.create_event()
+            if event is None:
+                return False
+            try:
+                stats = read_regions(
+                    regions,
+                    fds,
+                    arena.data_ptr(),
+                    ring.buffer.address,
+                    ring.slot_size,
+                    len(ring.slots),
+                    min(threads, len(ring.slots) - 1),
+                    device=torch.cuda.current_device(),
+                    stream=stream.cuda_stream,
+                    event=event,
+                    entry_points=points,
+                    while_reading=while_reading,
+                )
+            except DirectRefused:
+                return False
+            finally:
+                rt.destroy_event(event)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if window is not None and stats.reads:
+        window.note(stats.first_read, stats.last_read)
+    return True

@@ -1,7 +1,8 @@
-"""Reading files to the GPU through the staging ring (:mod:`flashtensors.engine.staging`): reader
-threads fill its slots and make no CUDA call; the thread that owns the feeder pins the slots and queues
-their copies. The cold and buffered read paths (:func:`read_through_ring`) and the warm path's tail
-(:mod:`flashtensors.engine.pinned_mmap`, while that thread pins the head) use it."""
+"""Reading files to the GPU through the staging ring (:mod:`flashtensors.engine.staging`) in Python:
+reader threads fill its slots and make no CUDA call; the thread that owns the feeder pins the slots and
+queues their copies. The cold and buffered read paths (:func:`read_through_ring`, which hands cold
+O_DIRECT loads to the C loop of :mod:`flashtensors.engine.native` where it can) and the warm path's
+tail (:mod:`flashtensors.engine.pinned_mmap`, while that thread pins the head) use it."""
 
 from __future__ import annotations
 
@@ -353,7 +354,7 @@ def read_through_ring(
     between reads fell from 1.3-2.2 ms to 0.04-0.05 ms (``coldwin.py``, H100 machine, 2026-11-28).
 
     With ``read_size`` auto and ``native_reads`` (the defaults), O_DIRECT loads are read by the C loop
-    instead (:func:`_read_native`, :mod:`flashtensors.engine.native`): the same ring, the same claims
+    instead (:func:`flashtensors.engine.native.read_ring`): the same ring, the same claims
     from the front, but readers and a copier with no Python between two reads. Where it cannot take a
     load (no library, no direct runtime calls, a file that refuses O_DIRECT), this Python loop reads it.
 
@@ -372,7 +373,7 @@ def read_through_ring(
                 while_reading()
 
         with torch.cuda.device(device):
-            if _read_native(regions, arena, settings, threads, nbytes, window, views):
+            if native.read_ring(regions, arena, settings, threads, nbytes, window, views):
                 return ["direct"] * len(regions)
         if ran[0]:
             while_reading = None  # done already, before a read was refused
@@ -395,71 +396,3 @@ def read_through_ring(
             raise
         feeder.finish()
     return feeder.modes
-
-
-def _read_native(
-    regions: list[FileRegion],
-    arena: torch.Tensor,
-    settings: Settings,
-    threads: int,
-    nbytes: int,
-    window: ReadWindow | None,
-    while_reading: Callable[[], None],
-) -> bool:
-    """Read a cold O_DIRECT load by the C loop (:mod:`flashtensors.engine.native`), with ``threads``
-    readers through the O_DIRECT ring, on the current device; False where it cannot take the load (not
-    built, the runtime not callable directly, a file that refuses O_DIRECT at open or at a read), which
-    the Python loop then reads."""
-    rt = devices.runtime()
-    points = rt.entry_points()
-    if points is None or native.library() is None:
-        return False
-    fds: list[int] = []
-    try:
-        for r in regions:
-            fd = open_direct(r.path)
-            if fd is None:
-                return False
-            fds.append(fd)
-        ring = staging_ring(settings, threads, nbytes, direct_slot_size(settings), True)
-        with ring.lock:
-            for slot in ring.slots:
-                if slot.event is not None:
-                    slot.event.synchronize()  # a copy of the Python loop's, from an earlier load
-                    slot.event = None
-                if not slot.pinned:
-                    # Before the reads start: with the rest of the setup, 33-47 ms before the first read
-                    # (10-20 with the Python loop, which pins at each slot's first copy; perf-notes,
-                    # twentieth session, Open 2). Once per process.
-                    ring.buffer.pin(slot.offset)
-                    slot.pinned = True
-            stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
-            stream.wait_stream(torch.cuda.current_stream(arena.device))
-            event = rt.create_event()
-            if event is None:
-                return False
-            try:
-                stats = native.read_regions(
-                    regions,
-                    fds,
-                    arena.data_ptr(),
-                    ring.buffer.address,
-                    ring.slot_size,
-                    len(ring.slots),
-                    min(threads, len(ring.slots) - 1),
-                    device=torch.cuda.current_device(),
-                    stream=stream.cuda_stream,
-                    event=event,
-                    entry_points=points,
-                    while_reading=while_reading,
-                )
-            except native.DirectRefused:
-                return False
-            finally:
-                rt.destroy_event(event)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    if window is not None and stats.reads:
-        window.note(stats.first_read, stats.last_read)
-    return True
