@@ -5,14 +5,17 @@ safetensors', bit for bit, on checkpoints built here."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from flashtensors.engine import api, native
+from flashtensors.engine import api, devices, native
 from flashtensors.engine.plan import make_plan
 from flashtensors.engine.sysio import Mapping, open_direct
 from flashtensors.errors import FormatError
@@ -27,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _read(
-    files: list[Path], threads: int, slot_size: int, nslots: int, direct: bool
+    files: list[Path], threads: int, slot_size: int, nslots: int, direct: bool, **kwargs: Any
 ) -> tuple[object, torch.Tensor, native.Stats]:
     plan = make_plan(files)
     arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
@@ -38,7 +41,7 @@ def _read(
     try:
         with Mapping(None, nslots * slot_size) as ring:
             stats = native.read_regions(
-                list(plan.regions), fds, arena.data_ptr(), ring.address, slot_size, nslots, threads
+                list(plan.regions), fds, arena.data_ptr(), ring.address, slot_size, nslots, threads, **kwargs
             )
     finally:
         for fd in fds:
@@ -46,15 +49,17 @@ def _read(
     return plan, arena, stats
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
 @pytest.mark.parametrize("threads,nslots", [(1, 2), (3, 4), (8, 12), (16, 3)])
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 def test_the_c_loop_loads_what_safetensors_loads(
-    qwen3_dir: Path, threads: int, nslots: int, direct: bool
+    qwen3_dir: Path, threads: int, nslots: int, direct: bool, own: bool
 ) -> None:
     """A Qwen3 checkpoint in several shards, 8 KiB slots (a shard spans many): every tensor as
-    safetensors reads it, with any number of readers against any number of slots."""
+    safetensors reads it, with any number of readers against any number of slots, through a copier or
+    with each reader copying its own slot."""
     files = checkpoint_files(qwen3_dir)
-    plan, arena, stats = _read(files, threads, 8 * KiB, nslots, direct)
+    plan, arena, stats = _read(files, threads, 8 * KiB, nslots, direct, own_slots=own)
     api._relocate(plan, arena)  # type: ignore[arg-type]
     assert_same(api._views(plan, arena), reference_load(qwen3_dir))  # type: ignore[arg-type]
     slots = sum(-(-r.nbytes // (8 * KiB)) for r in plan.regions)  # type: ignore[attr-defined]
@@ -189,3 +194,89 @@ def test_an_installed_library_is_used_only_for_its_own_source(tmp_path: Path, st
     cmd = [cc, "-O2", "-shared", "-fPIC", "-pthread", f'-DFT_SOURCE_TAG="{built}"']
     subprocess.run([*cmd, "-o", str(tmp_path / "_ringread.test.so"), str(src)], check=True)
     assert (native._packaged(tag, tmp_path) is None) == stale
+
+
+class FakeRuntime:
+    """The CUDA entry points as ctypes callbacks on the host: copies are memmoves, events are noted, pins
+    are noted. The C loop calls them from its threads as it would call the runtime's."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.registered: list[int] = []  # addresses
+        self.recorded: dict[int, int] = {}  # event -> times recorded
+        self.waited: dict[int, int] = {}  # event -> times waited on
+        copy_t = ctypes.CFUNCTYPE(
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
+        )
+        record_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        sync_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+        device_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+        register_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
+        self._keep = [
+            copy_t(self._copy),
+            record_t(self._record),
+            sync_t(self._sync),
+            device_t(lambda device: 0),
+            register_t(self._register),
+        ]
+        self.points = {  # in the order of devices.ENTRY_POINTS
+            n: int(ctypes.cast(f, ctypes.c_void_p).value or 0)
+            for n, f in zip(devices.ENTRY_POINTS, self._keep, strict=True)
+        }
+
+    def _copy(self, dst: int, src: int, n: int, kind: int, stream: int) -> int:
+        ctypes.memmove(dst, src, n)
+        return 0
+
+    def _record(self, event: int, stream: int) -> int:
+        with self.lock:
+            self.recorded[event] = self.recorded.get(event, 0) + 1
+        return 0
+
+    def _sync(self, event: int) -> int:
+        with self.lock:
+            self.waited[event] = self.waited.get(event, 0) + 1
+        return 0
+
+    def _register(self, address: int, n: int, flags: int) -> int:
+        with self.lock:
+            self.registered.append(address)
+        return 0
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
+def test_slots_are_pinned_at_their_first_copy_once(ring_file: Path, own: bool) -> None:
+    """With the runtime's entry points (stand-ins here): every slot a load uses and that was not pinned
+    is pinned once, by the thread that copies it, and marked; a slot pinned before is left alone; each
+    own slot's copy is waited on through that slot's event."""
+    plan = make_plan([ring_file])
+    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
+    fake = FakeRuntime()
+    nslots, threads, size = 6, 4, 16 * KiB
+    pinned = bytearray([1, 0, 0, 0, 0, 0])  # slot 0 pinned by an earlier load
+    events = (ctypes.c_void_p * nslots)(*range(1000, 1000 + nslots))
+    fd = os.open(ring_file, os.O_RDONLY)
+    try:
+        with Mapping(None, nslots * size) as ring:
+            stats = native.read_regions(
+                list(plan.regions), [fd], arena.data_ptr(), ring.address, size, nslots, threads,
+                stream=1, event=ctypes.addressof(events) if own else 999, entry_points=fake.points,
+                own_slots=own, pinned=pinned,
+            )  # fmt: skip
+            slots = sorted((a - ring.address) // size for a in fake.registered)
+    finally:
+        os.close(fd)
+    r = plan.regions[0]
+    assert (
+        bytes(arena[r.arena_offset : r.arena_offset + r.nbytes].numpy())
+        == ring_file.read_bytes()[r.file_start :]
+    )
+    assert len(slots) == len(set(slots)) and 0 not in slots  # each once; the pinned one never
+    used = set(range(threads)) if own else set(slots) | {0}
+    assert set(slots) == used - {0}
+    assert all(pinned[k] == (k in used) for k in range(nslots))
+    if own:
+        assert sum(fake.recorded.values()) == stats.copies == stats.reads
+        assert fake.recorded == fake.waited and set(fake.recorded) <= set(range(1000, 1000 + threads))
+    else:
+        assert set(fake.recorded) == {999} and fake.recorded == fake.waited

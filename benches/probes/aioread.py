@@ -384,6 +384,7 @@ def native_summary() -> str:
     return (
         f" native lat_ms {st.read_s / st.reads * 1e3:.3f} inflight {st.read_s / window:.2f}"
         f" waits_s {st.slot_wait_s:.3f} nreads {st.reads} per_batch {st.copies / max(1, st.batches):.2f}"
+        + (f" pin_ms {st.pin_s * 1e3:.1f}" if hasattr(st, "pin_s") else "")
     )
 
 

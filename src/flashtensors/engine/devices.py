@@ -16,6 +16,14 @@ _DEFAULT = 0x00
 _NON_BLOCKING = 0x01  # cudaStreamNonBlocking, as torch's own streams
 _DISABLE_TIMING = 0x02  # cudaEventDisableTiming: the cheapest event to record and wait on
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+# The runtime calls the C read loop makes (engine/ringread.c), by address: _Runtime.entry_points.
+ENTRY_POINTS = (
+    "cudaMemcpyAsync",
+    "cudaEventRecord",
+    "cudaEventSynchronize",
+    "cudaSetDevice",
+    "cudaHostRegister",
+)
 
 
 def resolve_device(device: str | int | torch.device | None) -> torch.device:
@@ -107,6 +115,12 @@ class PinnedBuffer:
                 self._pinned.add(address)
         return address, n
 
+    def adopt(self, offset: int) -> None:
+        """The piece at ``offset`` was pinned elsewhere (by the C read loop, with cudaHostRegister):
+        unpin it with the others when the buffer goes."""
+        with self._lock:
+            self._pinned.add(self.mapping.address + offset)
+
     def __del__(self) -> None:
         if getattr(self, "mapping", None) is not None and self.mapping.address:
             for address in self._pinned:
@@ -183,8 +197,7 @@ class _Runtime:
         (:mod:`flashtensors.engine.native`); None where the runtime cannot be called directly."""
         if self.lib is None:
             return None
-        names = ("cudaMemcpyAsync", "cudaEventRecord", "cudaEventSynchronize", "cudaSetDevice")
-        return {n: int(ctypes.cast(getattr(self.lib, n), ctypes.c_void_p).value or 0) for n in names}
+        return {n: int(ctypes.cast(getattr(self.lib, n), ctypes.c_void_p).value or 0) for n in ENTRY_POINTS}
 
     def create_event(self) -> int | None:
         """A new event without timing on the current device (free it with :meth:`destroy_event`)."""

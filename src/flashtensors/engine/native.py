@@ -95,6 +95,11 @@ class _Load(ctypes.Structure):
         ("copies", ctypes.c_int64),
         ("batches", ctypes.c_int64),
         ("read_s", ctypes.c_double),
+        ("own_slots", ctypes.c_int64),
+        ("host_register", ctypes.c_void_p),
+        ("register_flags", ctypes.c_int64),
+        ("pinned", ctypes.c_void_p),
+        ("pin_s", ctypes.c_double),
     ]
 
 
@@ -116,9 +121,14 @@ class Stats:
     copies: int
     batches: int
     read_s: float
+    pin_s: float  # time spent pinning slots at their first copy, summed over the threads
 
 
 last_stats: Stats | None = None  # the process's last native load, for probes and the bench's notes
+
+# Each reader reads into a slot of its own and copies it itself, so the reads land in as few places as a
+# raw read's (16 slots of 512 KiB, against 24 with a copier; branch next-lease/c-own-slot, to measure).
+OWN_SLOTS = True
 
 
 def _cache_dir() -> Path:
@@ -224,6 +234,8 @@ def read_regions(
     event: int = 0,
     entry_points: dict[str, int] | None = None,
     while_reading: Callable[[], None] | None = None,
+    own_slots: bool = False,
+    pinned: bytearray | None = None,
 ) -> Stats:
     """Read ``regions`` (opened as ``fds``, O_DIRECT or not) through ``nslots`` slots of ``slot_size``
     bytes at host address ``ring`` (page-aligned) into the arena at ``arena``, with ``threads`` readers.
@@ -234,6 +246,11 @@ def read_regions(
     waited on before the batch's slots are read into again, so every copy is done when this returns.
     Without, ``arena`` is host memory and the copies are ``memcpy``. ``while_reading`` runs on this
     thread while the first reads fly.
+
+    With ``own_slots``, reader t reads into slot t only and copies it itself (``min(threads, nslots)``
+    readers, no copier); ``event`` is then the address of an array of ``nslots`` events. ``pinned``
+    (one byte per slot) says which slots are pinned already; with ``entry_points``, each other slot is
+    pinned at its first copy by the thread that copies it, and its byte set to 1.
 
     Raises:
         DirectRefused: an O_DIRECT read was refused (EINVAL); nothing is left running.
@@ -260,6 +277,11 @@ def read_regions(
         ld.event_record = entry_points["cudaEventRecord"]
         ld.event_sync = entry_points["cudaEventSynchronize"]
         ld.set_device = entry_points["cudaSetDevice"]
+        if pinned is not None:
+            ld.host_register = entry_points["cudaHostRegister"]
+    ld.own_slots = int(own_slots)
+    flags = (ctypes.c_int8 * max(1, nslots)).from_buffer(pinned) if pinned is not None else None
+    ld.pinned = ctypes.addressof(flags) if flags is not None else None
     address = ctypes.addressof(buf)
     if lib.ft_ring_start(address) == _OK:
         try:
@@ -273,7 +295,7 @@ def read_regions(
             raise
     code = int(lib.ft_ring_finish(address))
     last_stats = Stats(
-        ld.first_read, ld.last_read, ld.slot_wait_s, ld.reads, ld.copies, ld.batches, ld.read_s
+        ld.first_read, ld.last_read, ld.slot_wait_s, ld.reads, ld.copies, ld.batches, ld.read_s, ld.pin_s
     )
     if code == _OK:
         return last_stats
@@ -326,18 +348,17 @@ def read_ring(
                 if slot.event is not None:
                     slot.event.synchronize()  # a copy of the Python loop's, from an earlier load
                     slot.event = None
-                if not slot.pinned:
-                    # Before the reads start: with the rest of the setup, 33-47 ms before the first read
-                    # (10-20 with the Python loop, which pins at each slot's first copy; perf-notes,
-                    # twentieth session, Open 2). Once per process.
-                    ring.buffer.pin(slot.offset)
-                    slot.pinned = True
+            # Slots not pinned yet are pinned at their first copy, in C, while the other reads fly:
+            # pinning all 24 first took 33-47 ms before the first read (perf-notes, twentieth session).
+            pinned = bytearray(int(slot.pinned) for slot in ring.slots)
             stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
             stream.wait_stream(torch.cuda.current_stream(arena.device))
-            event = rt.create_event()
-            if event is None:
-                return False
+            own = OWN_SLOTS
+            made = [rt.create_event() for _ in (ring.slots if own else ring.slots[:1])]
             try:
+                if any(e is None for e in made):
+                    return False
+                table = (ctypes.c_void_p * len(made))(*made)
                 stats = read_regions(
                     regions,
                     fds,
@@ -345,17 +366,25 @@ def read_ring(
                     ring.buffer.address,
                     ring.slot_size,
                     len(ring.slots),
-                    min(threads, len(ring.slots) - 1),
+                    min(threads, len(ring.slots) if own else len(ring.slots) - 1),
                     device=torch.cuda.current_device(),
                     stream=stream.cuda_stream,
-                    event=event,
+                    event=ctypes.addressof(table) if own else (made[0] or 0),
                     entry_points=points,
                     while_reading=while_reading,
+                    own_slots=own,
+                    pinned=pinned,
                 )
             except DirectRefused:
                 return False
             finally:
-                rt.destroy_event(event)
+                for event in made:
+                    if event is not None:
+                        rt.destroy_event(event)
+                for slot, now_pinned in zip(ring.slots, pinned, strict=True):
+                    if now_pinned and not slot.pinned:
+                        ring.buffer.adopt(slot.offset)
+                        slot.pinned = True
     finally:
         for fd in fds:
             os.close(fd)

@@ -2,7 +2,12 @@
 
    Reader threads claim the load's bytes from the front, slot by slot, read each slot in one request and
    hand it to one copier thread, which queues its copy to the GPU and gives the slot back once the copy
-   is done. In Python the same loop needs the GIL at each hand-off: with 17 threads a full slot took
+   is done. With own_slots, there is no copier: each reader reads into a slot of its own, queues that
+   slot's copy, and waits for it (~10 us) before its next read, so the reads land in as few places as a
+   raw read by as many threads (on these virtual disks, reads into more memory are slower).
+
+   Slots not pinned yet (pinned[slot] == 0) are pinned at their first copy, by the thread that copies
+   them, while the other readers read: pinning every slot before the first read took 33-47 ms of a load. In Python the same loop needs the GIL at each hand-off: with 17 threads a full slot took
    1.2-1.9 ms to come back to a reader, against ~10 us of copy, and the readers waited for slots
    (docs/perf-notes.md, nineteenth session). Here a hand-off is a mutex and a condition variable.
 
@@ -38,6 +43,7 @@ typedef int (*memcpy_async_fn)(void *, const void *, size_t, int, void *);
 typedef int (*event_record_fn)(void *, void *);
 typedef int (*event_sync_fn)(void *);
 typedef int (*set_device_fn)(int);
+typedef int (*host_register_fn)(void *, size_t, unsigned int);
 
 struct ft_region {
     int64_t fd;
@@ -72,6 +78,12 @@ struct ft_load {
     double slot_wait_s;           /* readers' time waiting for a free slot, summed */
     int64_t reads, copies, batches;
     double read_s; /* the reads' own time, summed: over the window, the reads in flight */
+    /* set by the caller (after the results, so that the fields above keep their places) */
+    int64_t own_slots;              /* 1: reader t reads into slot t and copies it itself (nslots >= threads) */
+    host_register_fn host_register; /* NULL: every slot is pinned already */
+    int64_t register_flags;
+    int8_t *pinned; /* per slot, 1 once pinned; the threads set it for the slots they pin */
+    double pin_s;   /* time spent pinning slots, summed */
     /* private */
     pthread_mutex_t lock;
     pthread_cond_t free_cv, full_cv;
@@ -83,11 +95,17 @@ struct ft_load {
     int64_t readers_running;
     int stop;
     pthread_t *readers;
+    struct ft_reader *reader_args;
     int64_t started;
     pthread_t copier;
     int copier_started;
     int done; /* the copier has left: nothing more is read or copied */
     pthread_cond_t done_cv;
+};
+
+struct ft_reader {
+    struct ft_load *ld;
+    int32_t index;
 };
 
 static double now(void) {
@@ -127,23 +145,130 @@ static int64_t read_full(int fd, uint8_t *buf, int64_t want, int64_t offset) {
     return done;
 }
 
-static void *reader(void *arg) {
-    struct ft_load *ld = arg;
+/* Skip to the next region while the cursor is at a region's end (empty regions too); lock held. */
+static void skip_ended(struct ft_load *ld) {
+    while (ld->region < ld->nregions && ld->pos >= ld->regions[ld->region].file_end) {
+        ld->region++;
+        if (ld->region < ld->nregions)
+            ld->pos = ld->regions[ld->region].file_start;
+    }
+}
+
+/* The next slot's worth of the load, from the front: 0 when nothing is left or the load stops. The
+   caller holds the lock. */
+static int claim(struct ft_load *ld, int64_t *region, int64_t *offset, int64_t *n) {
+    if (ld->stop || ld->region >= ld->nregions)
+        return 0;
+    int64_t left = ld->regions[ld->region].file_end - ld->pos;
+    *region = ld->region;
+    *offset = ld->pos;
+    *n = left < ld->slot_size ? left : ld->slot_size;
+    ld->pos += *n;
+    skip_ended(ld);
+    return 1;
+}
+
+/* A read ran from began to ended: the load's window, count and summed time; lock held. */
+static void note_read(struct ft_load *ld, double began, double ended) {
+    if (ld->first_read == 0 || began < ld->first_read)
+        ld->first_read = began;
+    if (ended > ld->last_read)
+        ld->last_read = ended;
+    ld->reads++;
+    ld->read_s += ended - began;
+}
+
+/* Pin a slot at its first copy (only this thread copies it now). 0, or the runtime's error. */
+static int pin_slot(struct ft_load *ld, int32_t slot) {
+    if (!ld->host_register || !ld->pinned || ld->pinned[slot])
+        return 0;
+    double began = now();
+    int err = ld->host_register(ld->ring + (int64_t)slot * ld->slot_size, (size_t)ld->slot_size,
+                                (unsigned int)ld->register_flags);
+    double took = now() - began;
     pthread_mutex_lock(&ld->lock);
-    for (;;) {
-        if (ld->stop || ld->region >= ld->nregions)
-            break;
-        const struct ft_region *r = &ld->regions[ld->region];
-        int64_t region = ld->region, offset = ld->pos;
-        int64_t n = r->file_end - offset < ld->slot_size ? r->file_end - offset : ld->slot_size;
-        ld->pos += n;
-        while (ld->region < ld->nregions && ld->pos >= ld->regions[ld->region].file_end) {
-            ld->region++; /* empty regions are skipped too */
-            if (ld->region < ld->nregions)
-                ld->pos = ld->regions[ld->region].file_start;
+    ld->pin_s += took;
+    pthread_mutex_unlock(&ld->lock);
+    if (!err)
+        ld->pinned[slot] = 1;
+    return err;
+}
+
+/* Queue the copy of n bytes of a full slot to where they belong in the arena (or memcpy them). */
+static int copy_slot(struct ft_load *ld, int32_t slot, int32_t region, int64_t offset, int64_t n) {
+    const struct ft_region *r = &ld->regions[region];
+    uint8_t *dst = ld->arena + r->arena_offset + (offset - r->file_start);
+    uint8_t *src = ld->ring + (int64_t)slot * ld->slot_size;
+    if (!ld->memcpy_async) {
+        memcpy(dst, src, (size_t)n);
+        return 0;
+    }
+    int err = pin_slot(ld, slot);
+    if (!err)
+        err = ld->memcpy_async(dst, src, (size_t)n, 1 /* host to device */, ld->stream);
+    return err;
+}
+
+/* own_slots: a reader that copies its own slot, then waits for the copy before reading into it again. */
+static void *own_reader(struct ft_load *ld, int32_t slot) {
+    void *event = ld->event_record ? ((void **)ld->event)[slot] : NULL;
+    if (ld->set_device)
+        ld->set_device((int)ld->device);
+    pthread_mutex_lock(&ld->lock);
+    int64_t region, offset, n;
+    while (claim(ld, &region, &offset, &n)) {
+        const struct ft_region *r = &ld->regions[region];
+        pthread_mutex_unlock(&ld->lock);
+
+        int64_t want = (n + FT_ALIGN - 1) / FT_ALIGN * FT_ALIGN;
+        double began = now();
+        int64_t got = read_full((int)r->fd, ld->ring + (int64_t)slot * ld->slot_size, want, offset);
+        double ended = now();
+        int err = 0;
+        if (got >= n) {
+            err = copy_slot(ld, slot, (int32_t)region, offset, n);
+            if (!err && event) {
+                err = ld->event_record(event, ld->stream);
+                if (!err)
+                    err = ld->event_sync(event); /* the slot is read into again next */
+            }
         }
-        if (n <= 0)
-            continue;
+
+        pthread_mutex_lock(&ld->lock);
+        note_read(ld, began, ended);
+        if (got < 0) {
+            fail(ld, FT_EREAD, -got, region);
+            break;
+        }
+        if (got < n) {
+            fail(ld, FT_ESHRANK, 0, region);
+            break;
+        }
+        if (err) {
+            ld->cuda_error = err;
+            fail(ld, FT_ECUDA, 0, -1);
+            break;
+        }
+        ld->copies++;
+    }
+    ld->readers_running--;
+    if (ld->readers_running == 0) {
+        ld->done = 1; /* no copier in this mode: the last reader ends the load */
+        pthread_cond_broadcast(&ld->done_cv);
+    }
+    pthread_mutex_unlock(&ld->lock);
+    return NULL;
+}
+
+static void *reader(void *arg) {
+    struct ft_reader *me = arg;
+    struct ft_load *ld = me->ld;
+    if (ld->own_slots)
+        return own_reader(ld, me->index);
+    pthread_mutex_lock(&ld->lock);
+    int64_t region, offset, n;
+    while (claim(ld, &region, &offset, &n)) {
+        const struct ft_region *r = &ld->regions[region];
         if (ld->free_top == 0) {
             double began = now();
             while (ld->free_top == 0 && !ld->stop)
@@ -161,12 +286,7 @@ static void *reader(void *arg) {
         double ended = now();
 
         pthread_mutex_lock(&ld->lock);
-        if (ld->first_read == 0 || began < ld->first_read)
-            ld->first_read = began;
-        if (ended > ld->last_read)
-            ld->last_read = ended;
-        ld->reads++;
-        ld->read_s += ended - began;
+        note_read(ld, began, ended);
         if (got < 0 || got < n) {
             ld->free_slots[ld->free_top++] = slot;
             if (got < 0)
@@ -210,15 +330,8 @@ static void *copier(void *arg) {
         pthread_mutex_unlock(&ld->lock);
 
         int err = 0;
-        for (int64_t k = 0; k < count && !err; k++) {
-            const struct ft_region *r = &ld->regions[batch[k].region];
-            uint8_t *dst = ld->arena + r->arena_offset + (batch[k].offset - r->file_start);
-            uint8_t *src = ld->ring + (int64_t)batch[k].slot * ld->slot_size;
-            if (ld->memcpy_async)
-                err = ld->memcpy_async(dst, src, (size_t)batch[k].n, 1 /* host to device */, ld->stream);
-            else
-                memcpy(dst, src, (size_t)batch[k].n);
-        }
+        for (int64_t k = 0; k < count && !err; k++)
+            err = copy_slot(ld, batch[k].slot, batch[k].region, batch[k].offset, batch[k].n);
         if (!err && ld->event_record) {
             err = ld->event_record(ld->event, ld->stream);
             if (!err)
@@ -264,7 +377,10 @@ int64_t ft_ring_start(struct ft_load *ld) {
     ld->free_slots = calloc((size_t)ld->nslots, sizeof *ld->free_slots);
     ld->full = calloc((size_t)ld->nslots, sizeof *ld->full);
     ld->readers = calloc((size_t)ld->threads, sizeof *ld->readers);
-    if (!ld->free_slots || !ld->full || !ld->readers) {
+    ld->reader_args = calloc((size_t)ld->threads, sizeof *ld->reader_args);
+    if (ld->own_slots && ld->threads > ld->nslots)
+        ld->threads = ld->nslots; /* one slot each */
+    if (!ld->free_slots || !ld->full || !ld->readers || !ld->reader_args) {
         ld->error = FT_ETHREAD;
         ld->err_errno = ENOMEM;
         ld->done = 1;
@@ -274,18 +390,19 @@ int64_t ft_ring_start(struct ft_load *ld) {
         ld->free_slots[ld->free_top++] = (int32_t)s; /* slot 0 on top */
     ld->region = 0;
     ld->pos = ld->nregions ? ld->regions[0].file_start : 0;
-    while (ld->region < ld->nregions && ld->pos >= ld->regions[ld->region].file_end) {
-        ld->region++;
-        if (ld->region < ld->nregions)
-            ld->pos = ld->regions[ld->region].file_start;
-    }
+    skip_ended(ld);
     pthread_mutex_lock(&ld->lock); /* the threads start together, once all exist */
-    int rc = pthread_create(&ld->copier, NULL, copier, ld);
-    ld->copier_started = rc == 0;
-    if (rc != 0)
-        ld->done = 1;
+    int rc = 0;
+    if (!ld->own_slots) {
+        rc = pthread_create(&ld->copier, NULL, copier, ld);
+        ld->copier_started = rc == 0;
+        if (rc != 0)
+            ld->done = 1;
+    }
     for (int64_t t = 0; rc == 0 && t < ld->threads; t++) {
-        rc = pthread_create(&ld->readers[t], NULL, reader, ld);
+        ld->reader_args[t].ld = ld;
+        ld->reader_args[t].index = (int32_t)t;
+        rc = pthread_create(&ld->readers[t], NULL, reader, &ld->reader_args[t]);
         if (rc == 0) {
             ld->started++;
             ld->readers_running++;
@@ -293,6 +410,8 @@ int64_t ft_ring_start(struct ft_load *ld) {
     }
     if (rc != 0)
         fail(ld, FT_ETHREAD, rc, -1);
+    if (ld->own_slots && ld->started == 0)
+        ld->done = 1;
     pthread_mutex_unlock(&ld->lock);
     return FT_OK;
 }
@@ -335,6 +454,8 @@ int64_t ft_ring_finish(struct ft_load *ld) {
     free(ld->free_slots);
     free(ld->full);
     free(ld->readers);
+    free(ld->reader_args);
+    ld->reader_args = NULL;
     ld->free_slots = NULL;
     ld->full = NULL;
     ld->readers = NULL;
