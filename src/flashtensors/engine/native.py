@@ -1,5 +1,5 @@
-"""The cold O_DIRECT loop in C (``ringread.c``): reader threads and one copier, with no Python and no GIL
-between two reads.
+"""The cold O_DIRECT loop in C (``ringread.c``): reader threads that each read into a slot of their own and
+copy it, with no Python and no GIL between two reads.
 
 Why: in the Python loop (:class:`flashtensors.engine.ring_feeder.RingFeeder`) every hand-off of a slot
 waits for the GIL among 17 threads. On the H200 machine a full slot took 1.2-1.9 ms to come back to a
@@ -127,7 +127,9 @@ class Stats:
 last_stats: Stats | None = None  # the process's last native load, for probes and the bench's notes
 
 # Each reader reads into a slot of its own and copies it itself, so the reads land in as few places as a
-# raw read's (16 slots of 512 KiB, against 24 with a copier; branch next-lease/c-own-slot, to measure).
+# raw read's (16 slots of 512 KiB, against 24 with the copier). On the H200 machine: 0.97 of raw against
+# the copier's 0.90 (8B, 5 rounds), and the bench's cold loads 92-99% of the disk against 74-83%
+# (docs/perf-notes.md, twenty-first session). False: the copier, for probes that compare the two.
 OWN_SLOTS = True
 
 
@@ -348,8 +350,8 @@ def read_ring(
                 if slot.event is not None:
                     slot.event.synchronize()  # a copy of the Python loop's, from an earlier load
                     slot.event = None
-            # Slots not pinned yet are pinned at their first copy, in C, while the other reads fly:
-            # pinning all 24 first took 33-47 ms before the first read (perf-notes, twentieth session).
+            # Slots not pinned yet are pinned at their first copy, in C, while the other reads fly, so
+            # only the slots the readers use are pinned (16 of 24 with own slots).
             pinned = bytearray(int(slot.pinned) for slot in ring.slots)
             stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
             stream.wait_stream(torch.cuda.current_stream(arena.device))

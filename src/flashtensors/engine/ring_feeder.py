@@ -354,9 +354,10 @@ def read_through_ring(
     between reads fell from 1.3-2.2 ms to 0.04-0.05 ms (``coldwin.py``, H100 machine, 2026-11-28).
 
     With ``read_size`` auto and ``native_reads`` (the defaults), O_DIRECT loads are read by the C loop
-    instead (:func:`flashtensors.engine.native.read_ring`): the same ring, the same claims
-    from the front, but readers and a copier with no Python between two reads. Where it cannot take a
-    load (no library, no direct runtime calls, a file that refuses O_DIRECT), this Python loop reads it.
+    instead (:func:`flashtensors.engine.native.read_ring`): the same ring, the same claims from the
+    front, but readers that copy their own slots, with no Python between two reads. Where it cannot
+    take a load (no library, no direct runtime calls, a file that refuses O_DIRECT), this Python loop
+    reads it.
 
     Returns:
         The path each region took: "direct", or "buffered" (asked for, or O_DIRECT refused).

@@ -1,19 +1,22 @@
 /* Cold O_DIRECT reads through the staging ring with no Python between the reads.
 
-   Reader threads claim the load's bytes from the front, slot by slot, read each slot in one request and
-   hand it to one copier thread, which queues its copy to the GPU and gives the slot back once the copy
-   is done. With own_slots, there is no copier: each reader reads into a slot of its own, queues that
-   slot's copy, and waits for it (~10 us) before its next read, so the reads land in as few places as a
-   raw read by as many threads (on these virtual disks, reads into more memory are slower).
+   Reader threads claim the load's bytes from the front, slot by slot, and read each slot in one request.
+   With own_slots (what loads use): each reader reads into a slot of its own, queues that slot's copy to
+   the GPU, and waits for it (~10 us) before its next read, so the reads land in as few places as a raw
+   read by as many threads. On the H200 machine each read then took as long as raw's, where reads into
+   the 24 slots of a shared ring took up to 12-17% longer (docs/perf-notes.md, twenty-first session).
+   Without own_slots, the readers hand each full slot to one copier thread, which queues its copy and
+   gives the slot back once the copy is done (kept for comparison: 0.90 of raw against 0.97).
 
    Slots not pinned yet (pinned[slot] == 0) are pinned at their first copy, by the thread that copies
-   them, while the other readers read: pinning every slot before the first read took 33-47 ms of a load. In Python the same loop needs the GIL at each hand-off: with 17 threads a full slot took
-   1.2-1.9 ms to come back to a reader, against ~10 us of copy, and the readers waited for slots
-   (docs/perf-notes.md, nineteenth session). Here a hand-off is a mutex and a condition variable.
+   them, while the other readers read. In Python the same loop needs the GIL at each hand-off: with 17
+   threads a full slot took 1.2-1.9 ms to come back to a reader, against ~10 us of copy, and the readers
+   waited for slots (docs/perf-notes.md, nineteenth session). Here a hand-off is a mutex and a condition
+   variable, or none.
 
    The CUDA runtime is not linked: the caller passes the addresses of cudaMemcpyAsync, cudaEventRecord,
-   cudaEventSynchronize and cudaSetDevice from the runtime torch loaded. Without them (NULL) the copier
-   copies with memcpy into host memory, which the CPU tests use.
+   cudaEventSynchronize, cudaSetDevice and cudaHostRegister from the runtime torch loaded. Without them (NULL) the copies
+   are memcpy into host memory, which the CPU tests use.
 
    Built at install time (setup.py), or else on first use by flashtensors.engine.native with the system C
    compiler; loaded with ctypes, whose calls let go of the GIL. */
