@@ -18,7 +18,7 @@ import torch
 from flashtensors.engine import api, devices, native
 from flashtensors.engine.plan import make_plan
 from flashtensors.engine.sysio import Mapping, open_direct
-from flashtensors.errors import FormatError
+from flashtensors.errors import DeviceError, FormatError
 from helpers.compare import assert_same, checkpoint_files, reference_load
 from helpers.stfile import build, random_spec, write
 
@@ -200,7 +200,8 @@ class FakeRuntime:
     """The CUDA entry points as ctypes callbacks on the host: copies are memmoves, events are noted, pins
     are noted. The C loop calls them from its threads as it would call the runtime's."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy_error: int = 0, register_error: int = 0) -> None:
+        self.copy_error, self.register_error = copy_error, register_error  # what the calls return
         self.lock = threading.Lock()
         self.registered: list[int] = []  # addresses
         self.recorded: dict[int, int] = {}  # event -> times recorded
@@ -225,6 +226,8 @@ class FakeRuntime:
         }
 
     def _copy(self, dst: int, src: int, n: int, kind: int, stream: int) -> int:
+        if self.copy_error:
+            return self.copy_error
         ctypes.memmove(dst, src, n)
         return 0
 
@@ -239,6 +242,8 @@ class FakeRuntime:
         return 0
 
     def _register(self, address: int, n: int, flags: int) -> int:
+        if self.register_error:
+            return self.register_error
         with self.lock:
             self.registered.append(address)
         return 0
@@ -280,3 +285,37 @@ def test_slots_are_pinned_at_their_first_copy_once(ring_file: Path, own: bool) -
         assert fake.recorded == fake.waited and set(fake.recorded) <= set(range(1000, 1000 + threads))
     else:
         assert set(fake.recorded) == {999} and fake.recorded == fake.waited
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
+@pytest.mark.parametrize(
+    "fails,message",
+    [
+        ("register", r"pinning a 16 KiB staging slot .*cudaHostRegister.* error 2\b"),
+        ("copy", r"cudaMemcpyAsync.* error 700\b"),
+    ],
+)
+def test_a_refused_pin_or_copy_fails_the_load_with_what_was_refused(
+    ring_file: Path, own: bool, fails: str, message: str
+) -> None:
+    """The runtime refuses a slot's pin (as over a memlock limit: cudaErrorMemoryAllocation) or a copy:
+    the load fails with a DeviceError naming the call, its error and what to do, and every thread has
+    ended when it does."""
+    plan = make_plan([ring_file])
+    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
+    fake = FakeRuntime(register_error=2) if fails == "register" else FakeRuntime(copy_error=700)
+    nslots, threads, size = 6, 4, 16 * KiB
+    events = (ctypes.c_void_p * nslots)(*range(1000, 1000 + nslots))
+    fd = os.open(ring_file, os.O_RDONLY)
+    before = threading.active_count()
+    try:
+        with Mapping(None, nslots * size) as ring, pytest.raises(DeviceError, match=message) as caught:
+            native.read_regions(
+                list(plan.regions), [fd], arena.data_ptr(), ring.address, size, nslots, threads,
+                stream=1, event=ctypes.addressof(events) if own else 999, entry_points=fake.points,
+                own_slots=own, pinned=bytearray(nslots),
+            )  # fmt: skip
+    finally:
+        os.close(fd)
+    assert caught.value.hint  # says what to do next
+    assert threading.active_count() == before

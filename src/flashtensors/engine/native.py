@@ -48,7 +48,7 @@ from flashtensors.errors import DeviceError
 _SOURCE = "ringread.c"
 
 # ft_ring_finish's codes (ringread.c)
-_OK, _EREAD, _ESHRANK, _ECUDA, _ESTOPPED, _ETHREAD = range(6)
+_OK, _EREAD, _ESHRANK, _ECUDA, _ESTOPPED, _ETHREAD, _EPIN = range(7)
 
 _lib: ctypes.CDLL | None = None
 _why = ""
@@ -312,6 +312,13 @@ def read_regions(
         raise DeviceError(
             f"cudaMemcpyAsync or an event of the cold read failed with CUDA error {ld.cuda_error}",
             hint="check `nvidia-smi` for the GPU's state; a GPU reset or a driver restart may be needed",
+        )
+    if code == _EPIN:
+        raise DeviceError(
+            f"pinning a {slot_size // 1024} KiB staging slot for the cold read (cudaHostRegister) failed "
+            f"with CUDA error {ld.cuda_error}",
+            hint="the process may be over its locked-memory limit (`ulimit -l`; in a container, its "
+            "memlock limit) or the host short of memory: raise the limit or free memory, then load again",
         )
     if code == _ETHREAD:
         raise OSError(

@@ -15,8 +15,8 @@
    variable, or none.
 
    The CUDA runtime is not linked: the caller passes the addresses of cudaMemcpyAsync, cudaEventRecord,
-   cudaEventSynchronize, cudaSetDevice and cudaHostRegister from the runtime torch loaded. Without them (NULL) the copies
-   are memcpy into host memory, which the CPU tests use.
+   cudaEventSynchronize, cudaSetDevice and cudaHostRegister from the runtime torch loaded. Without them
+   (NULL) the copies are memcpy into host memory, which the CPU tests use.
 
    Built at install time (setup.py), or else on first use by flashtensors.engine.native with the system C
    compiler; loaded with ctypes, whose calls let go of the GIL. */
@@ -41,6 +41,7 @@
 #define FT_ECUDA 3   /* the runtime refused a copy or an event: cuda_error */
 #define FT_ESTOPPED 4
 #define FT_ETHREAD 5 /* a thread could not be started: err_errno */
+#define FT_EPIN 6    /* the runtime refused to pin a slot (cudaHostRegister): cuda_error */
 
 typedef int (*memcpy_async_fn)(void *, const void *, size_t, int, void *);
 typedef int (*event_record_fn)(void *, void *);
@@ -197,8 +198,10 @@ static int pin_slot(struct ft_load *ld, int32_t slot) {
     return err;
 }
 
-/* Queue the copy of n bytes of a full slot to where they belong in the arena (or memcpy them). */
-static int copy_slot(struct ft_load *ld, int32_t slot, int32_t region, int64_t offset, int64_t n) {
+/* Queue the copy of n bytes of a full slot to where they belong in the arena (or memcpy them). 0, or the
+   runtime's error, with *code set to what failed (FT_EPIN or FT_ECUDA). */
+static int copy_slot(struct ft_load *ld, int32_t slot, int32_t region, int64_t offset, int64_t n,
+                     int *code) {
     const struct ft_region *r = &ld->regions[region];
     uint8_t *dst = ld->arena + r->arena_offset + (offset - r->file_start);
     uint8_t *src = ld->ring + (int64_t)slot * ld->slot_size;
@@ -207,8 +210,11 @@ static int copy_slot(struct ft_load *ld, int32_t slot, int32_t region, int64_t o
         return 0;
     }
     int err = pin_slot(ld, slot);
-    if (!err)
+    *code = FT_EPIN;
+    if (!err) {
         err = ld->memcpy_async(dst, src, (size_t)n, 1 /* host to device */, ld->stream);
+        *code = FT_ECUDA;
+    }
     return err;
 }
 
@@ -227,9 +233,9 @@ static void *own_reader(struct ft_load *ld, int32_t slot) {
         double began = now();
         int64_t got = read_full((int)r->fd, ld->ring + (int64_t)slot * ld->slot_size, want, offset);
         double ended = now();
-        int err = 0;
+        int err = 0, code = FT_ECUDA;
         if (got >= n) {
-            err = copy_slot(ld, slot, (int32_t)region, offset, n);
+            err = copy_slot(ld, slot, (int32_t)region, offset, n, &code);
             if (!err && event) {
                 err = ld->event_record(event, ld->stream);
                 if (!err)
@@ -249,7 +255,7 @@ static void *own_reader(struct ft_load *ld, int32_t slot) {
         }
         if (err) {
             ld->cuda_error = err;
-            fail(ld, FT_ECUDA, 0, -1);
+            fail(ld, code, 0, -1);
             break;
         }
         ld->copies++;
@@ -332,9 +338,9 @@ static void *copier(void *arg) {
         ld->full_count = 0;
         pthread_mutex_unlock(&ld->lock);
 
-        int err = 0;
+        int err = 0, code = FT_ECUDA;
         for (int64_t k = 0; k < count && !err; k++)
-            err = copy_slot(ld, batch[k].slot, batch[k].region, batch[k].offset, batch[k].n);
+            err = copy_slot(ld, batch[k].slot, batch[k].region, batch[k].offset, batch[k].n, &code);
         if (!err && ld->event_record) {
             err = ld->event_record(ld->event, ld->stream);
             if (!err)
@@ -349,7 +355,7 @@ static void *copier(void *arg) {
         pthread_cond_broadcast(&ld->free_cv);
         if (err) {
             ld->cuda_error = err;
-            fail(ld, FT_ECUDA, 0, -1);
+            fail(ld, code, 0, -1);
             break;
         }
     }
