@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flashtensors.engine import api, devices, native
-from flashtensors.engine.plan import make_plan
+from flashtensors.engine.plan import Plan, make_plan
 from flashtensors.engine.sysio import Mapping, open_direct
 from flashtensors.errors import DeviceError, FormatError
 from helpers.compare import assert_same, checkpoint_files, reference_load
@@ -47,6 +47,14 @@ def _read(
         for fd in fds:
             os.close(fd)
     return plan, arena, stats
+
+
+def assert_holds_the_file(plan: Plan, arena: torch.Tensor, path: Path) -> None:
+    """The arena holds the one-file plan's region: the file's bytes from its data start on."""
+    r = plan.regions[0]
+    assert (
+        bytes(arena[r.arena_offset : r.arena_offset + r.nbytes].numpy()) == path.read_bytes()[r.file_start :]
+    )
 
 
 @pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
@@ -152,11 +160,7 @@ def test_an_error_while_reading_stops_the_loop(ring_file: Path) -> None:
             native.read_regions(list(plan.regions), [fd], arena.data_ptr(), ring.address, 16 * KiB, 4, 3)
     finally:
         os.close(fd)
-    r = plan.regions[0]
-    assert (
-        bytes(arena[r.arena_offset : r.arena_offset + r.nbytes].numpy())
-        == ring_file.read_bytes()[r.file_start :]
-    )
+    assert_holds_the_file(plan, arena, ring_file)
 
 
 def test_the_library_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,40 +253,51 @@ class FakeRuntime:
         return 0
 
 
+FAKE_THREADS, FAKE_SLOT = 4, 16 * KiB
+FAKE_EVENTS = range(1000, 1100)  # the own slots' events; the copier's is 999
+
+
+def _read_through(
+    fake: FakeRuntime, path: Path, own: bool, pinned: bytearray
+) -> tuple[Plan, torch.Tensor, native.Stats, list[int]]:
+    """One file read by the C loop with ``fake``'s entry points, ``len(pinned)`` slots of FAKE_SLOT and
+    FAKE_THREADS readers: the plan, the arena, the stats, and the slots pinned (in order)."""
+    plan = make_plan([path])
+    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
+    nslots = len(pinned)
+    events = (ctypes.c_void_p * nslots)(*FAKE_EVENTS[:nslots])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with Mapping(None, nslots * FAKE_SLOT) as ring:
+            stats = native.read_regions(
+                list(plan.regions), [fd], arena.data_ptr(), ring.address, FAKE_SLOT, nslots, FAKE_THREADS,
+                stream=1, event=ctypes.addressof(events) if own else 999, entry_points=fake.points,
+                own_slots=own, pinned=pinned,
+            )  # fmt: skip
+            slots = [(a - ring.address) // FAKE_SLOT for a in fake.registered]
+    finally:
+        os.close(fd)
+    return plan, arena, stats, slots
+
+
 @pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
 def test_slots_are_pinned_at_their_first_copy_once(ring_file: Path, own: bool) -> None:
     """With the runtime's entry points (stand-ins here): every slot a load uses and that was not pinned
     is pinned once, by the thread that copies it, and marked; a slot pinned before is left alone; each
     own slot's copy is waited on through that slot's event."""
-    plan = make_plan([ring_file])
-    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
     fake = FakeRuntime()
-    nslots, threads, size = 6, 4, 16 * KiB
     pinned = bytearray([1, 0, 0, 0, 0, 0])  # slot 0 pinned by an earlier load
-    events = (ctypes.c_void_p * nslots)(*range(1000, 1000 + nslots))
-    fd = os.open(ring_file, os.O_RDONLY)
-    try:
-        with Mapping(None, nslots * size) as ring:
-            stats = native.read_regions(
-                list(plan.regions), [fd], arena.data_ptr(), ring.address, size, nslots, threads,
-                stream=1, event=ctypes.addressof(events) if own else 999, entry_points=fake.points,
-                own_slots=own, pinned=pinned,
-            )  # fmt: skip
-            slots = sorted((a - ring.address) // size for a in fake.registered)
-    finally:
-        os.close(fd)
-    r = plan.regions[0]
-    assert (
-        bytes(arena[r.arena_offset : r.arena_offset + r.nbytes].numpy())
-        == ring_file.read_bytes()[r.file_start :]
-    )
+    plan, arena, stats, slots = _read_through(fake, ring_file, own, pinned)
+    threads, nslots = FAKE_THREADS, len(pinned)
+    assert_holds_the_file(plan, arena, ring_file)
+    slots.sort()
     assert len(slots) == len(set(slots)) and 0 not in slots  # each once; the pinned one never
     used = set(range(threads)) if own else set(slots) | {0}
     assert set(slots) == used - {0}
     assert all(pinned[k] == (k in used) for k in range(nslots))
     if own:
         assert sum(fake.recorded.values()) == stats.copies == stats.reads
-        assert fake.recorded == fake.waited and set(fake.recorded) <= set(range(1000, 1000 + threads))
+        assert fake.recorded == fake.waited and set(fake.recorded) <= set(FAKE_EVENTS[:threads])
     else:
         assert set(fake.recorded) == {999} and fake.recorded == fake.waited
 
@@ -301,21 +316,9 @@ def test_a_refused_pin_or_copy_fails_the_load_with_what_was_refused(
     """The runtime refuses a slot's pin (as over a memlock limit: cudaErrorMemoryAllocation) or a copy:
     the load fails with a DeviceError naming the call, its error and what to do, and every thread has
     ended when it does."""
-    plan = make_plan([ring_file])
-    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
     fake = FakeRuntime(register_error=2) if fails == "register" else FakeRuntime(copy_error=700)
-    nslots, threads, size = 6, 4, 16 * KiB
-    events = (ctypes.c_void_p * nslots)(*range(1000, 1000 + nslots))
-    fd = os.open(ring_file, os.O_RDONLY)
     before = threading.active_count()
-    try:
-        with Mapping(None, nslots * size) as ring, pytest.raises(DeviceError, match=message) as caught:
-            native.read_regions(
-                list(plan.regions), [fd], arena.data_ptr(), ring.address, size, nslots, threads,
-                stream=1, event=ctypes.addressof(events) if own else 999, entry_points=fake.points,
-                own_slots=own, pinned=bytearray(nslots),
-            )  # fmt: skip
-    finally:
-        os.close(fd)
+    with pytest.raises(DeviceError, match=message) as caught:
+        _read_through(fake, ring_file, own, bytearray(6))
     assert caught.value.hint  # says what to do next
     assert threading.active_count() == before

@@ -250,7 +250,7 @@ def read_regions(
     thread while the first reads fly.
 
     With ``own_slots``, reader t reads into slot t only and copies it itself (``min(threads, nslots)``
-    readers, no copier); ``event`` is then the address of an array of ``nslots`` events. ``pinned``
+    readers, no copier); ``event`` is then the address of an array of one event per reader. ``pinned``
     (one byte per slot) says which slots are pinned already; with ``entry_points``, each other slot is
     pinned at its first copy by the thread that copies it, and its byte set to 1.
 
@@ -258,7 +258,7 @@ def read_regions(
         DirectRefused: an O_DIRECT read was refused (EINVAL); nothing is left running.
         OSError: a read failed (the path and errno are in it).
         FormatError: a file ended before its region did.
-        DeviceError: the runtime refused a copy.
+        DeviceError: the runtime refused a copy, an event or a slot's pin.
         RuntimeError: the C loop is not available (check :func:`library` first).
     """
     global last_stats
@@ -363,7 +363,8 @@ def read_ring(
             stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
             stream.wait_stream(torch.cuda.current_stream(arena.device))
             own = OWN_SLOTS
-            made = [rt.create_event() for _ in (ring.slots if own else ring.slots[:1])]
+            readers = min(threads, len(ring.slots) if own else len(ring.slots) - 1)
+            made = [rt.create_event() for _ in range(readers if own else 1)]  # own slots: one a reader
             try:
                 if any(e is None for e in made):
                     return False
@@ -375,7 +376,7 @@ def read_ring(
                     ring.buffer.address,
                     ring.slot_size,
                     len(ring.slots),
-                    min(threads, len(ring.slots) if own else len(ring.slots) - 1),
+                    readers,
                     device=torch.cuda.current_device(),
                     stream=stream.cuda_stream,
                     event=ctypes.addressof(table) if own else (made[0] or 0),

@@ -71,7 +71,8 @@ struct ft_load {
     int64_t threads;
     int64_t device;
     void *stream;
-    void *event; /* recorded behind each batch of copies, waited on before the batch's slots are reused */
+    void *event; /* the copier's: recorded behind each batch of copies, waited on before the batch's slots
+                    are reused; own_slots: an array of one event per reader, for its own slot's copy */
     memcpy_async_fn memcpy_async;
     event_record_fn event_record;
     event_sync_fn event_sync;
@@ -103,7 +104,7 @@ struct ft_load {
     int64_t started;
     pthread_t copier;
     int copier_started;
-    int done; /* the copier has left: nothing more is read or copied */
+    int done; /* the copier (own_slots: the last reader) has left: nothing more is read or copied */
     pthread_cond_t done_cv;
 };
 
