@@ -360,8 +360,9 @@ def read_ring(
             # only the slots the readers use are pinned (16 of 24 with own slots).
             pinned = bytearray(int(slot.pinned) for slot in ring.slots)
             # The copies go on the caller's current stream, after whatever made the arena, as a
-            # `.to(device)` would: a stream of our own is the process's first in a fresh worker, and
-            # making one there took 15-27 ms before the first read (perf-notes, Open 1).
+            # `.to(device)` would. A stream of our own would be made here, before the first read, and
+            # in a fresh process after a cache drop one took 15-27 ms to make (primeph.py, eighth
+            # session); whether that is the 34-60 ms before the first read is perf-notes' Open 1.
             stream = torch.cuda.current_stream(arena.device)
             own = OWN_SLOTS
             readers = min(threads, len(ring.slots) if own else len(ring.slots) - 1)
