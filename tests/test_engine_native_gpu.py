@@ -1,6 +1,7 @@
 """The C cold loop (:mod:`flashtensors.engine.native`) on a CUDA device: cold O_DIRECT loads take it by
 default and give safetensors' bytes; ``native_reads`` off takes the Python loop, with the same bytes; a
-failed read fails the load, lets the ring go, and the next load works."""
+failed read fails the load, lets the ring go, and the next load works; the copies queue behind the work
+already on the caller's stream."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import flashtensors as ft
 from flashtensors.engine import native, staging
 from flashtensors.engine.api import load
+from flashtensors.engine.plan import GPU_TENSOR_ALIGN, make_plan, resolve_files
 from flashtensors.errors import FormatError
 from helpers.compare import assert_same, reference_load
 
@@ -66,3 +69,24 @@ def test_a_file_that_shrinks_fails_the_load_and_lets_the_ring_go(
     shutil.copy(ring_file, victim)
     result = load(victim, device=DEV, read_path="direct")
     assert_same(result.tensors, reference_load(ring_file), device=DEV)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["c_loop", "python_loop"])
+def test_the_copies_follow_the_work_queued_on_the_callers_stream(qwen3_dir: Path, on: bool) -> None:
+    """The arena reuses a block whose last writer is still queued on the caller's stream: the loaded bytes
+    must land after that write, not under it."""
+    if on and native.library() is None:
+        pytest.skip(f"the C loop cannot be built here: {native.unavailable_reason()}")
+    ft.configure(native_reads=on)
+    size = make_plan(resolve_files(qwen3_dir), GPU_TENSOR_ALIGN).arena_size
+    stream = torch.cuda.Stream(device=DEV)
+    with torch.cuda.stream(stream):
+        junk = torch.empty(size, dtype=torch.uint8, device=DEV)
+        block = junk.data_ptr()
+        torch.cuda._sleep(500_000_000)  # the GPU spins for a while, then the fill overwrites the block
+        junk.fill_(0x5A)
+        del junk
+        result = load(qwen3_dir, device=DEV, read_path="direct")
+    ptrs = [t.data_ptr() for t in result.tensors.values()]
+    assert block <= min(ptrs) < block + size  # the arena is the block the fill is queued to write
+    assert_same(result.tensors, reference_load(qwen3_dir), device=DEV)

@@ -41,7 +41,6 @@ from flashtensors.engine import devices
 from flashtensors.engine.plan import FileRegion
 from flashtensors.engine.readers import ReadWindow, shrank
 from flashtensors.engine.staging import direct_slot_size, staging_ring
-from flashtensors.engine.streams import own_side_stream, pooled_stream
 from flashtensors.engine.sysio import open_direct
 from flashtensors.errors import DeviceError
 
@@ -360,8 +359,11 @@ def read_ring(
             # Slots not pinned yet are pinned at their first copy, in C, while the other reads fly, so
             # only the slots the readers use are pinned (16 of 24 with own slots).
             pinned = bytearray(int(slot.pinned) for slot in ring.slots)
-            stream = pooled_stream(arena.device, avoid=own_side_stream(arena.device))
-            stream.wait_stream(torch.cuda.current_stream(arena.device))
+            # The copies go on the caller's current stream, after whatever made the arena, as a
+            # `.to(device)` would. A stream of our own would be made here, before the first read, and
+            # in a fresh process after a cache drop one took 15-27 ms to make (primeph.py, eighth
+            # session); whether that is the 34-60 ms before the first read is perf-notes' Open 1.
+            stream = torch.cuda.current_stream(arena.device)
             own = OWN_SLOTS
             readers = min(threads, len(ring.slots) if own else len(ring.slots) - 1)
             made = [rt.create_event() for _ in range(readers if own else 1)]  # own slots: one a reader
