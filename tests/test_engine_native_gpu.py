@@ -1,7 +1,7 @@
 """The C cold loop (:mod:`flashtensors.engine.native`) on a CUDA device: cold O_DIRECT loads take it by
 default and give safetensors' bytes; ``native_reads`` off takes the Python loop, with the same bytes; a
 failed read fails the load, lets the ring go, and the next load works; the copies queue behind the work
-already on the caller's stream."""
+already on the caller's stream; a later load reuses the first one's events."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashtensors as ft
-from flashtensors.engine import native, staging
+from flashtensors.engine import devices, native, staging
 from flashtensors.engine.api import load
 from flashtensors.engine.plan import GPU_TENSOR_ALIGN, make_plan, resolve_files
 from flashtensors.errors import FormatError
@@ -90,3 +90,23 @@ def test_the_copies_follow_the_work_queued_on_the_callers_stream(qwen3_dir: Path
     ptrs = [t.data_ptr() for t in result.tensors.values()]
     assert block <= min(ptrs) < block + size  # the arena is the block the fill is queued to write
     assert_same(result.tensors, reference_load(qwen3_dir), device=DEV)
+
+
+def test_a_later_cold_load_reuses_the_events_of_the_first(
+    qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load's events (made by its head start) are given back and serve the next load, which
+    makes none and still gives safetensors' bytes."""
+    if native.library() is None:
+        pytest.skip(f"the C loop cannot be built here: {native.unavailable_reason()}")
+    ft.configure(native_reads=True)
+    load(qwen3_dir, device=DEV, read_path="direct")
+    rt = devices.runtime()
+    real = rt.create_event
+    made: list[int | None] = []
+    monkeypatch.setattr(rt, "create_event", lambda: made.append(real()) or made[-1])
+    monkeypatch.setattr(native, "last_stats", None)
+    result = load(qwen3_dir, device=DEV, read_path="direct")
+    assert_same(result.tensors, reference_load(qwen3_dir), device=DEV)
+    assert native.last_stats is not None and native.last_stats.copies > 0
+    assert made == []

@@ -45,6 +45,11 @@ for n in ("library", "open_direct", "staging_ring", "pooled_stream", "read_regio
         wrap(native, n, "native." + n)
 if hasattr(native, "read_ring"):
     wrap(native, "read_ring", "native.read_ring")
+try:  # the head start (twenty-second session): how long the load's take waited for it
+    from flashtensors.engine import events
+    wrap(events, "take", "events.take"); wrap(events, "head_start", "events.head_start")
+except ImportError:
+    pass
 for n in ("entry_points", "create_event"):
     if hasattr(devices, "_Runtime") and hasattr(devices._Runtime, n):
         wrap(devices._Runtime, n, "rt." + n)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from flashtensors.config import Settings, get_settings
-from flashtensors.engine import devices, pinned, pinned_mmap, readers, ring_feeder
+from flashtensors.engine import devices, events, native, pinned, pinned_mmap, readers, ring_feeder
 from flashtensors.engine.plan import GPU_TENSOR_ALIGN, Checkpoint, FileRegion, Plan, make_plan, resolve_files
 from flashtensors.engine.sysio import residency
 from flashtensors.errors import ConfigError
@@ -206,6 +206,12 @@ def load(
         raise ConfigError(f"read_path must be auto, direct, pinned-mmap or buffered, not {forced!r}")
     dev = devices.resolve_device(device)
     start = time.perf_counter()
+    cold_in_c = settings.native_reads and not settings.read_size and forced in ("auto", "direct")
+    if dev.type == "cuda" and cold_in_c:
+        # What a cold read by the C loop needs before its first read, made on a thread while this
+        # thread plans: the library's load and the readers' events (once per process; see events.py)
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        events.head_start(index, settings.io_threads, native.library)
     plan = make_plan(resolve_files(checkpoint), GPU_TENSOR_ALIGN if dev.type == "cuda" else 0)
     arena = devices.allocate_arena(plan.arena_size, dev)
     warm_views(arena)  # a device's first load: its view paths' code paged in before the disk is busy

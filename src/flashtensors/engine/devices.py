@@ -157,7 +157,7 @@ class _Runtime:
             lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
             lib.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
             lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
-            lib.cudaEventDestroy.argtypes = [ctypes.c_void_p]
+            lib.cudaSetDevice.argtypes = [ctypes.c_int]
             # The copy keeps the GIL (a PyDLL handle): from pinned memory it only queues work and
             # returns in microseconds, and a call that let go of the GIL would wait to take it back
             # behind whichever thread holds it (the views thread, in a first load).
@@ -200,12 +200,19 @@ class _Runtime:
         return {n: int(ctypes.cast(getattr(self.lib, n), ctypes.c_void_p).value or 0) for n in ENTRY_POINTS}
 
     def create_event(self) -> int | None:
-        """A new event without timing on the current device (free it with :meth:`destroy_event`)."""
+        """A new event without timing on this thread's current device (never destroyed: they are
+        kept for later loads, :mod:`flashtensors.engine.events`); None where it failed."""
         return self._create("cudaEventCreateWithFlags", _DISABLE_TIMING)
 
-    def destroy_event(self, event: int) -> None:
-        if self.lib is not None:
-            self.lib.cudaEventDestroy(ctypes.c_void_p(event))
+    def set_device(self, index: int) -> bool:
+        """Make device ``index`` this thread's current device (cudaSetDevice); False where the runtime
+        cannot be called directly or refused."""
+        if self.lib is None:
+            return False
+        if self.lib.cudaSetDevice(index) != 0:
+            self.clear_last_error()
+            return False
+        return True
 
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> bool:
         """Queue a host-to-device copy of ``nbytes`` from pinned ``src`` to ``dst`` on ``stream`` (a
@@ -229,12 +236,15 @@ class _Runtime:
 
 
 _runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
 
 
 def _rt() -> _Runtime:
     global _runtime
     if _runtime is None:
-        _runtime = _Runtime()
+        with _runtime_lock:  # a load's head start (events.py) may ask at the same time as the load
+            if _runtime is None:
+                _runtime = _Runtime()
     return _runtime
 
 

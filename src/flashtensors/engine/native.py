@@ -15,7 +15,8 @@ needs it. Where no compiler is found or the build fails, :func:`library` returns
 ``native_reads`` (``FLASH_NATIVE_READS=0``) turns the C loop off.
 
 :func:`read_regions` is the binding (host memory on CPU, for the tests; a device arena on a GPU);
-:func:`read_ring` runs a cold load through it with the O_DIRECT staging ring, a stream and an event.
+:func:`read_ring` runs a cold load through it with the O_DIRECT staging ring, on the caller's current
+stream, with an event per reader (:mod:`flashtensors.engine.events`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from flashtensors.config import Settings
-from flashtensors.engine import devices
+from flashtensors.engine import devices, events
 from flashtensors.engine.plan import FileRegion
 from flashtensors.engine.readers import ReadWindow, shrank
 from flashtensors.engine.staging import direct_slot_size, staging_ring
@@ -360,16 +361,16 @@ def read_ring(
             # only the slots the readers use are pinned (16 of 24 with own slots).
             pinned = bytearray(int(slot.pinned) for slot in ring.slots)
             # The copies go on the caller's current stream, after whatever made the arena, as a
-            # `.to(device)` would. A stream of our own would be made here, before the first read, and
-            # in a fresh process after a cache drop one took 15-27 ms to make (primeph.py, eighth
-            # session); whether that is the 34-60 ms before the first read is perf-notes' Open 1.
+            # `.to(device)` would: no stream of our own to make before the first read (torch's pool
+            # of them took 14-16 ms to make in a fresh process; firstread.py, twenty-second session).
             stream = torch.cuda.current_stream(arena.device)
             own = OWN_SLOTS
             readers = min(threads, len(ring.slots) if own else len(ring.slots) - 1)
-            made = [rt.create_event() for _ in range(readers if own else 1)]  # own slots: one a reader
+            index = torch.cuda.current_device()
+            made = events.take(index, readers if own else 1)  # own slots: one a reader
+            if made is None:
+                return False
             try:
-                if any(e is None for e in made):
-                    return False
                 table = (ctypes.c_void_p * len(made))(*made)
                 stats = read_regions(
                     regions,
@@ -379,7 +380,7 @@ def read_ring(
                     ring.slot_size,
                     len(ring.slots),
                     readers,
-                    device=torch.cuda.current_device(),
+                    device=index,
                     stream=stream.cuda_stream,
                     event=ctypes.addressof(table) if own else (made[0] or 0),
                     entry_points=points,
@@ -390,9 +391,7 @@ def read_ring(
             except DirectRefused:
                 return False
             finally:
-                for event in made:
-                    if event is not None:
-                        rt.destroy_event(event)
+                events.give(index, made)  # read_regions returns after every copy it queued is done
                 for slot, now_pinned in zip(ring.slots, pinned, strict=True):
                     if now_pinned and not slot.pinned:
                         ring.buffer.adopt(slot.offset)

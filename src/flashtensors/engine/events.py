@@ -1,0 +1,91 @@
+"""The C loop's events, kept per device for the process's later loads, and a head start that makes them
+(and loads the C loop's library) on a thread while a cold load plans.
+
+Why: in a fresh process, the first CUDA event or stream the process makes costs 10-18 ms on the H200
+machine, whichever of them comes first (``benches/probes/firstread.py``, twenty-second session: the
+C loop's first ``cudaEventCreateWithFlags`` took 10.6-18.4 ms where no stream was made before it,
+0.1 ms after torch's stream pool had paid it). Made by the read loop, that time sat between the load's
+start and its first read, beside the library's load (5-10 ms); the Python loop, which makes its
+streams while its first reads fly, began reading 27 ms earlier. Started at the load's start, the head
+start overlaps both with the load's plan, arena and views.
+
+Events are made without timing, on one device each, and never destroyed: a load takes the ones it needs
+and gives them back when its copies are done, so a later load makes none.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from flashtensors.engine import devices
+
+_lock = threading.Lock()
+_free: dict[int, list[int]] = {}  # device index -> events no load holds
+_starts: dict[int, threading.Thread] = {}  # device index -> its head start, while it runs
+
+
+def _fill(index: int, count: int) -> None:
+    """Make events on device ``index`` until ``count`` are free (fewer where the runtime refuses one)."""
+    rt = devices.runtime()
+    if not rt.set_device(index):
+        return
+    while True:
+        with _lock:
+            if len(_free.setdefault(index, [])) >= count:
+                return
+        event = rt.create_event()
+        if event is None:
+            return
+        with _lock:
+            _free[index].append(event)
+
+
+def head_start(index: int, count: int, also: Callable[[], object] | None = None) -> None:
+    """Start a thread that runs ``also`` (the library's load), then makes events on device ``index``
+    until ``count`` are free, unless they are or a head start for that device runs. Returns at once;
+    whatever the thread could not do (a runtime that cannot be called directly, an event refused) is
+    left to :func:`take`, which the read loop calls and which says so."""
+    with _lock:
+        if index in _starts or len(_free.get(index, [])) >= count:
+            return
+        thread = threading.Thread(target=_run, args=(index, count, also), name="flash-head-start")
+        thread.daemon = True
+        _starts[index] = thread
+    thread.start()
+
+
+def _run(index: int, count: int, also: Callable[[], object] | None) -> None:
+    try:
+        if also is not None:
+            also()
+        _fill(index, count)
+    except Exception:  # a head start only saves time: take() runs the same calls on the load's thread,
+        pass  # where an error is raised to the caller
+    finally:
+        with _lock:
+            _starts.pop(index, None)
+
+
+def take(index: int, count: int) -> list[int] | None:
+    """``count`` events of device ``index`` (the caller's current device) for one load, once its head
+    start, if one runs, is done; any still missing are made now. None where the runtime cannot make
+    them: the read loop then leaves the load to the Python loop. Give them back with :func:`give`
+    once their copies are done."""
+    with _lock:
+        thread = _starts.get(index)
+    if thread is not None:
+        thread.join()
+    _fill(index, count)
+    with _lock:
+        free = _free.setdefault(index, [])
+        if len(free) < count:
+            return None
+        taken, _free[index] = free[:count], free[count:]
+    return taken
+
+
+def give(index: int, events: list[int]) -> None:
+    """Events from :func:`take` back to device ``index``'s free list, for a later load."""
+    with _lock:
+        _free.setdefault(index, []).extend(events)
