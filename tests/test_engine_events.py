@@ -163,3 +163,23 @@ def test_a_failed_head_start_is_made_up_by_the_take(monkeypatch: pytest.MonkeyPa
     taken = events.take(0, 16)
     assert taken is not None and len(taken) == 16
     assert {thread for thread, _ in rt.made.values()} == {threading.current_thread().name}
+
+
+def test_a_head_start_with_no_thread_to_be_had_leaves_the_events_to_the_take(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt = use(monkeypatch, StandIn())
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    events.head_start(0, 16)
+    assert events._starts == {}
+    monkeypatch.undo()  # back to real threads (and to the fixture's state, set again below)
+    monkeypatch.setattr(events, "_free", {})
+    monkeypatch.setattr(events, "_starts", {})
+    use(monkeypatch, rt)
+    taken = events.take(0, 16)
+    assert taken is not None and len(taken) == 16
+    assert {thread for thread, _ in rt.made.values()} == {threading.current_thread().name}
