@@ -206,8 +206,7 @@ def load(
         raise ConfigError(f"read_path must be auto, direct, pinned-mmap or buffered, not {forced!r}")
     dev = devices.resolve_device(device)
     start = time.perf_counter()
-    cold_in_c = settings.native_reads and not settings.read_size and forced in ("auto", "direct")
-    if dev.type == "cuda" and cold_in_c:
+    if dev.type == "cuda" and forced in ("auto", "direct") and native.takes_cold_loads(settings):
         # What a cold read by the C loop needs before its first read, made on a thread while this
         # thread plans: the library's load and the readers' events (once per process; see events.py)
         index = torch.cuda.current_device() if dev.index is None else dev.index

@@ -30,6 +30,9 @@ _starts: dict[int, threading.Thread] = {}  # device index -> its head start, whi
 
 def _fill(index: int, count: int) -> None:
     """Make events on device ``index`` until ``count`` are free (fewer where the runtime refuses one)."""
+    with _lock:
+        if len(_free.get(index, [])) >= count:
+            return  # the usual case after a process's first load: no runtime call
     rt = devices.runtime()
     if not rt.set_device(index):
         return

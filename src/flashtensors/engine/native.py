@@ -327,6 +327,12 @@ def read_regions(
     raise RuntimeError(f"the native read loop stopped with code {code}")
 
 
+def takes_cold_loads(settings: Settings) -> bool:
+    """Whether ``settings`` send cold O_DIRECT loads to the C loop (``native_reads`` on, ``read_size``
+    auto); :func:`read_ring` may still hand one back to the Python loop."""
+    return settings.native_reads and not settings.read_size
+
+
 def read_ring(
     regions: list[FileRegion],
     arena: torch.Tensor,

@@ -365,7 +365,7 @@ def read_through_ring(
     device = arena.device
     threads = settings.io_threads if direct else settings.cpu_threads
     nbytes = sum(r.file_end - r.file_start for r in regions)
-    if direct and not settings.read_size and settings.native_reads:
+    if direct and native.takes_cold_loads(settings):
         ran = [False]
 
         def views() -> None:
