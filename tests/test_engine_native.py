@@ -1,7 +1,8 @@
 """The cold read loop in C (``engine/ringread.c``, :mod:`flashtensors.engine.native`) on CPU: without the
-CUDA entry points its copier copies each slot into a host arena with memcpy, so the readers, the slot
-hand-offs and the error paths run as they do on a GPU. The arena's tensors are compared with
-safetensors', bit for bit, on checkpoints built here."""
+CUDA entry points each reader copies its own slot into a host arena with memcpy, so the readers, their
+claims and the error paths run as they do on a GPU; with stand-in entry points the copies, events and
+pins go through the runtime's calls. The arena's tensors are compared with safetensors', bit for bit, on
+checkpoints built here."""
 
 from __future__ import annotations
 
@@ -57,17 +58,16 @@ def assert_holds_the_file(plan: Plan, arena: torch.Tensor, path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
 @pytest.mark.parametrize("threads,nslots", [(1, 2), (3, 4), (8, 12), (16, 3)])
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 def test_the_c_loop_loads_what_safetensors_loads(
-    qwen3_dir: Path, threads: int, nslots: int, direct: bool, own: bool
+    qwen3_dir: Path, threads: int, nslots: int, direct: bool
 ) -> None:
     """A Qwen3 checkpoint in several shards, 8 KiB slots (a shard spans many): every tensor as
-    safetensors reads it, with any number of readers against any number of slots, through a copier or
-    with each reader copying its own slot."""
+    safetensors reads it, with any number of readers against any number of slots (more readers than
+    slots: one reader a slot), each reader copying its own slot."""
     files = checkpoint_files(qwen3_dir)
-    plan, arena, stats = _read(files, threads, 8 * KiB, nslots, direct, own_slots=own)
+    plan, arena, stats = _read(files, threads, 8 * KiB, nslots, direct)
     api._relocate(plan, arena)  # type: ignore[arg-type]
     assert_same(api._views(plan, arena), reference_load(qwen3_dir))  # type: ignore[arg-type]
     slots = sum(-(-r.nbytes // (8 * KiB)) for r in plan.regions)  # type: ignore[attr-defined]
@@ -118,6 +118,25 @@ def test_a_file_that_shrank_is_an_error_naming_it(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_refused_direct_read_is_direct_refused(ring_file: Path) -> None:
+    """An O_DIRECT read the kernel refuses with EINVAL (here: into a slot off the memory alignment
+    O_DIRECT needs, as a filesystem that takes O_DIRECT at open and refuses its reads does) is
+    DirectRefused, which sends the load to the Python loop."""
+    fd = open_direct(ring_file)
+    if fd is None:
+        pytest.skip("this filesystem refuses O_DIRECT at open")
+    plan = make_plan([ring_file])
+    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
+    try:
+        with (
+            Mapping(None, 5 * 16 * KiB) as ring,
+            pytest.raises(native.DirectRefused, match="ring.safetensors"),
+        ):
+            native.read_regions(list(plan.regions), [fd], arena.data_ptr(), ring.address + 1, 16 * KiB, 4, 3)
+    finally:
+        os.close(fd)
 
 
 def test_a_failed_read_is_an_oserror_naming_the_file(ring_file: Path) -> None:
@@ -201,8 +220,11 @@ def test_an_installed_library_is_used_only_for_its_own_source(tmp_path: Path, st
 
 
 class FakeRuntime:
-    """The CUDA entry points as ctypes callbacks on the host: copies are memmoves, events are noted, pins
-    are noted. The C loop calls them from its threads as it would call the runtime's."""
+    """The CUDA entry points as ctypes callbacks on the host. A copy is queued, as on a stream, and made
+    (a memmove from the slot as it is then) only when an event recorded behind it is waited on: a slot
+    read into again before its copy's event was waited on gives the arena the wrong bytes, and a copy
+    never waited on gives it none. Events and pins are noted. The C loop calls them from its threads as it
+    would call the runtime's."""
 
     def __init__(self, copy_error: int = 0, register_error: int = 0) -> None:
         self.copy_error, self.register_error = copy_error, register_error  # what the calls return
@@ -210,6 +232,9 @@ class FakeRuntime:
         self.registered: list[int] = []  # addresses
         self.recorded: dict[int, int] = {}  # event -> times recorded
         self.waited: dict[int, int] = {}  # event -> times waited on
+        self.recorders: dict[int, set[int]] = {}  # calling thread -> the events it recorded
+        self.queued: dict[int, list[tuple[int, int, int]]] = {}  # calling thread -> copies not recorded
+        self.behind: dict[int, list[tuple[int, int, int]]] = {}  # event -> copies recorded, not waited on
         copy_t = ctypes.CFUNCTYPE(
             ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
         )
@@ -232,18 +257,30 @@ class FakeRuntime:
     def _copy(self, dst: int, src: int, n: int, kind: int, stream: int) -> int:
         if self.copy_error:
             return self.copy_error
-        ctypes.memmove(dst, src, n)
+        with self.lock:
+            self.queued.setdefault(threading.get_ident(), []).append((dst, src, n))
         return 0
 
     def _record(self, event: int, stream: int) -> int:
+        me = threading.get_ident()
         with self.lock:
             self.recorded[event] = self.recorded.get(event, 0) + 1
+            self.recorders.setdefault(me, set()).add(event)
+            self.behind.setdefault(event, []).extend(self.queued.pop(me, []))
         return 0
 
     def _sync(self, event: int) -> int:
         with self.lock:
             self.waited[event] = self.waited.get(event, 0) + 1
+            done = self.behind.pop(event, [])
+        for dst, src, n in done:
+            ctypes.memmove(dst, src, n)
         return 0
+
+    def all_copies_done(self) -> bool:
+        """Every copy queued was made (an event behind it was waited on)."""
+        with self.lock:
+            return not any(self.queued.values()) and not any(self.behind.values())
 
     def _register(self, address: int, n: int, flags: int) -> int:
         if self.register_error:
@@ -254,25 +291,26 @@ class FakeRuntime:
 
 
 FAKE_THREADS, FAKE_SLOT = 4, 16 * KiB
-FAKE_EVENTS = range(1000, 1100)  # the own slots' events; the copier's is 999
+FAKE_EVENTS = range(1000, 1100)  # the readers' events: reader t's is FAKE_EVENTS[t]
 
 
 def _read_through(
-    fake: FakeRuntime, path: Path, own: bool, pinned: bytearray
+    fake: FakeRuntime, path: Path, nslots: int, pinned: bytearray | None, threads: int = FAKE_THREADS
 ) -> tuple[Plan, torch.Tensor, native.Stats, list[int]]:
-    """One file read by the C loop with ``fake``'s entry points, ``len(pinned)`` slots of FAKE_SLOT and
-    FAKE_THREADS readers: the plan, the arena, the stats, and the slots pinned (in order)."""
+    """One file read by the C loop with ``fake``'s entry points, ``nslots`` slots of FAKE_SLOT and
+    ``threads`` readers asked for: the plan, the arena, the stats, and the slots pinned (in order). The
+    events array and the ring have room for ``threads`` readers, so that a reader past the last slot
+    would read and copy in mapped memory and record an event the test can see."""
     plan = make_plan([path])
     arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
-    nslots = len(pinned)
-    events = (ctypes.c_void_p * nslots)(*FAKE_EVENTS[:nslots])
+    room = max(threads, nslots)
+    events = (ctypes.c_void_p * room)(*FAKE_EVENTS[:room])
     fd = os.open(path, os.O_RDONLY)
     try:
-        with Mapping(None, nslots * FAKE_SLOT) as ring:
+        with Mapping(None, room * FAKE_SLOT) as ring:
             stats = native.read_regions(
-                list(plan.regions), [fd], arena.data_ptr(), ring.address, FAKE_SLOT, nslots, FAKE_THREADS,
-                stream=1, event=ctypes.addressof(events) if own else 999, entry_points=fake.points,
-                own_slots=own, pinned=pinned,
+                list(plan.regions), [fd], arena.data_ptr(), ring.address, FAKE_SLOT, nslots, threads,
+                stream=1, events=ctypes.addressof(events), entry_points=fake.points, pinned=pinned,
             )  # fmt: skip
             slots = [(a - ring.address) // FAKE_SLOT for a in fake.registered]
     finally:
@@ -280,29 +318,47 @@ def _read_through(
     return plan, arena, stats, slots
 
 
-@pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
-def test_slots_are_pinned_at_their_first_copy_once(ring_file: Path, own: bool) -> None:
+def test_slots_are_pinned_at_their_first_copy_once(ring_file: Path) -> None:
     """With the runtime's entry points (stand-ins here): every slot a load uses and that was not pinned
-    is pinned once, by the thread that copies it, and marked; a slot pinned before is left alone; each
-    own slot's copy is waited on through that slot's event."""
+    is pinned once, by the reader that owns it, and marked; a slot pinned before is left alone."""
     fake = FakeRuntime()
     pinned = bytearray([1, 0, 0, 0, 0, 0])  # slot 0 pinned by an earlier load
-    plan, arena, stats, slots = _read_through(fake, ring_file, own, pinned)
-    threads, nslots = FAKE_THREADS, len(pinned)
+    plan, arena, stats, slots = _read_through(fake, ring_file, len(pinned), pinned)
     assert_holds_the_file(plan, arena, ring_file)
     slots.sort()
     assert len(slots) == len(set(slots)) and 0 not in slots  # each once; the pinned one never
-    used = set(range(threads)) if own else set(slots) | {0}
+    used = set(range(FAKE_THREADS))  # reader t's slot t; slots 4 and 5 are left alone
     assert set(slots) == used - {0}
-    assert all(pinned[k] == (k in used) for k in range(nslots))
-    if own:
-        assert sum(fake.recorded.values()) == stats.copies == stats.reads
-        assert fake.recorded == fake.waited and set(fake.recorded) <= set(FAKE_EVENTS[:threads])
-    else:
-        assert set(fake.recorded) == {999} and fake.recorded == fake.waited
+    assert list(pinned) == [int(k in used) for k in range(len(pinned))]
+    assert stats.copies == stats.reads > 0
 
 
-@pytest.mark.parametrize("own", [False, True], ids=["copier", "own_slots"])
+def test_each_reader_waits_for_its_copy_before_reading_into_its_slot_again(ring_file: Path) -> None:
+    """Each reader records its own event behind each copy of its slot and waits on it before the slot is
+    read into again: the stand-in makes a copy only when that wait comes, so the arena holds the file
+    only if every wait came, and came before the next read."""
+    fake = FakeRuntime()
+    plan, arena, stats, _ = _read_through(fake, ring_file, 6, bytearray(6))
+    assert_holds_the_file(plan, arena, ring_file)
+    assert fake.all_copies_done()
+    assert sum(fake.recorded.values()) == sum(fake.waited.values()) == stats.copies == stats.reads > 0
+    assert fake.recorded == fake.waited
+    mine = list(fake.recorders.values())  # each reader one event of its own
+    assert all(len(e) == 1 for e in mine) and len(set().union(*mine)) == len(mine) <= FAKE_THREADS
+    assert set().union(*mine) <= set(FAKE_EVENTS[:FAKE_THREADS])
+
+
+def test_more_readers_than_slots_run_one_reader_a_slot(ring_file: Path) -> None:
+    """Asked for 8 readers over 3 slots, the loop runs 3: only the 3 slots are read into, copied from
+    and waited on through the first 3 events, and the arena holds the file."""
+    fake = FakeRuntime()
+    plan, arena, stats, _ = _read_through(fake, ring_file, 3, None, threads=8)
+    assert_holds_the_file(plan, arena, ring_file)
+    assert fake.all_copies_done()
+    assert set(fake.recorded) <= set(FAKE_EVENTS[:3]) and len(fake.recorders) <= 3
+    assert stats.copies == stats.reads > 0
+
+
 @pytest.mark.parametrize(
     "fails,message",
     [
@@ -311,7 +367,7 @@ def test_slots_are_pinned_at_their_first_copy_once(ring_file: Path, own: bool) -
     ],
 )
 def test_a_refused_pin_or_copy_fails_the_load_with_what_was_refused(
-    ring_file: Path, own: bool, fails: str, message: str
+    ring_file: Path, fails: str, message: str
 ) -> None:
     """The runtime refuses a slot's pin (as over a memlock limit: cudaErrorMemoryAllocation) or a copy:
     the load fails with a DeviceError naming the call, its error and what to do, and every thread has
@@ -319,6 +375,22 @@ def test_a_refused_pin_or_copy_fails_the_load_with_what_was_refused(
     fake = FakeRuntime(register_error=2) if fails == "register" else FakeRuntime(copy_error=700)
     before = threading.active_count()
     with pytest.raises(DeviceError, match=message) as caught:
-        _read_through(fake, ring_file, own, bytearray(6))
+        _read_through(fake, ring_file, 6, bytearray(6))
     assert caught.value.hint  # says what to do next
     assert threading.active_count() == before
+
+
+def test_the_entry_points_need_the_readers_events(ring_file: Path) -> None:
+    """With the runtime's entry points and no events array, nothing starts: each reader needs its event
+    to wait for its copies."""
+    plan = make_plan([ring_file])
+    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
+    fd = os.open(ring_file, os.O_RDONLY)
+    try:
+        with Mapping(None, 4 * FAKE_SLOT) as ring, pytest.raises(ValueError, match="events"):
+            native.read_regions(
+                list(plan.regions), [fd], arena.data_ptr(), ring.address, FAKE_SLOT, 4, 4,
+                entry_points=FakeRuntime().points,
+            )  # fmt: skip
+    finally:
+        os.close(fd)

@@ -376,14 +376,17 @@ def child(files: list[str], spec: str) -> None:
 
 
 def native_summary() -> str:
-    """The C loop's own counts (engine/native.py), where this run's load took it."""
+    """The C loop's own counts (engine/native.py), where this run's load took it. ``waits_s`` and
+    ``per_batch`` were its copier's, and come only from trees older than the copier's removal."""
     st = getattr(sys.modules.get("flashtensors.engine.native"), "last_stats", None)
     if st is None or not st.reads:
         return ""
     window = max(st.last_read - st.first_read, 1e-9)
     return (
         f" native lat_ms {st.read_s / st.reads * 1e3:.3f} inflight {st.read_s / window:.2f}"
-        f" waits_s {st.slot_wait_s:.3f} nreads {st.reads} per_batch {st.copies / max(1, st.batches):.2f}"
+        + (f" waits_s {st.slot_wait_s:.3f}" if hasattr(st, "slot_wait_s") else "")
+        + f" nreads {st.reads}"
+        + (f" per_batch {st.copies / max(1, st.batches):.2f}" if hasattr(st, "batches") else "")
         + (f" pin_ms {st.pin_s * 1e3:.1f}" if hasattr(st, "pin_s") else "")
     )
 

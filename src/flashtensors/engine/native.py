@@ -4,7 +4,12 @@ copy it, with no Python and no GIL between two reads.
 Why: in the Python loop (:class:`flashtensors.engine.ring_feeder.RingFeeder`) every hand-off of a slot
 waits for the GIL among 17 threads. On the H200 machine a full slot took 1.2-1.9 ms to come back to a
 reader against ~10 us of copy, the readers waited for slots, and cold 8B loads read 0.83-0.88 of the
-raw O_DIRECT rate of the same files (docs/perf-notes.md, nineteenth and twentieth sessions).
+raw O_DIRECT rate of the same files (docs/perf-notes.md, nineteenth and twentieth sessions). Each reader
+reads into a slot of its own and copies it itself, so the reads land in as few places as a raw read's
+(16 slots of 512 KiB, against 24 when the readers handed their slots to one copier thread): 0.97 of raw
+against the copier's 0.90 (8B, 5 rounds), and the bench's cold loads 92-99% of the disk against 74-83%
+(twenty-first session); a second lease read 97-108% of the disk in six of eight runs, and the copier
+was removed.
 
 The install builds it (``setup.py``, ``_ringread*.so`` beside this module) where a C compiler is found;
 it is used while its source tag matches this source. Otherwise it is built on first use with the
@@ -79,26 +84,23 @@ class _Load(ctypes.Structure):
         ("threads", ctypes.c_int64),
         ("device", ctypes.c_int64),
         ("stream", ctypes.c_void_p),
-        ("event", ctypes.c_void_p),
+        ("events", ctypes.c_void_p),
         ("memcpy_async", ctypes.c_void_p),
         ("event_record", ctypes.c_void_p),
         ("event_sync", ctypes.c_void_p),
         ("set_device", ctypes.c_void_p),
+        ("host_register", ctypes.c_void_p),
+        ("register_flags", ctypes.c_int64),
+        ("pinned", ctypes.c_void_p),
         ("error", ctypes.c_int64),
         ("err_errno", ctypes.c_int64),
         ("err_region", ctypes.c_int64),
         ("cuda_error", ctypes.c_int64),
         ("first_read", ctypes.c_double),
         ("last_read", ctypes.c_double),
-        ("slot_wait_s", ctypes.c_double),
         ("reads", ctypes.c_int64),
         ("copies", ctypes.c_int64),
-        ("batches", ctypes.c_int64),
         ("read_s", ctypes.c_double),
-        ("own_slots", ctypes.c_int64),
-        ("host_register", ctypes.c_void_p),
-        ("register_flags", ctypes.c_int64),
-        ("pinned", ctypes.c_void_p),
         ("pin_s", ctypes.c_double),
     ]
 
@@ -110,27 +112,18 @@ class DirectRefused(Exception):
 
 @dataclass
 class Stats:
-    """What one native load did: the window of its reads (``perf_counter`` seconds), its readers' time
-    waiting for a free slot (summed), its reads, copies, the copier's batches, and the reads' own time
-    (summed: over the window, the mean number of reads in flight)."""
+    """What one native load did: the window of its reads (``perf_counter`` seconds), its reads, copies,
+    and the reads' own time (summed: over the window, the mean number of reads in flight)."""
 
     first_read: float
     last_read: float
-    slot_wait_s: float
     reads: int
     copies: int
-    batches: int
     read_s: float
     pin_s: float  # time spent pinning slots at their first copy, summed over the threads
 
 
 last_stats: Stats | None = None  # the process's last native load, for probes and the bench's notes
-
-# Each reader reads into a slot of its own and copies it itself, so the reads land in as few places as a
-# raw read's (16 slots of 512 KiB, against 24 with the copier). On the H200 machine: 0.97 of raw against
-# the copier's 0.90 (8B, 5 rounds), and the bench's cold loads 92-99% of the disk against 74-83%
-# (docs/perf-notes.md, twenty-first session). False: the copier, for probes that compare the two.
-OWN_SLOTS = True
 
 
 def _cache_dir() -> Path:
@@ -233,28 +226,27 @@ def read_regions(
     *,
     device: int = 0,
     stream: int = 0,
-    event: int = 0,
+    events: int = 0,
     entry_points: dict[str, int] | None = None,
     while_reading: Callable[[], None] | None = None,
-    own_slots: bool = False,
     pinned: bytearray | None = None,
 ) -> Stats:
     """Read ``regions`` (opened as ``fds``, O_DIRECT or not) through ``nslots`` slots of ``slot_size``
-    bytes at host address ``ring`` (page-aligned) into the arena at ``arena``, with ``threads`` readers.
+    bytes at host address ``ring`` (page-aligned) into the arena at ``arena``, with
+    ``min(threads, nslots)`` readers: reader t reads into slot t only and copies it itself.
 
     With ``entry_points`` (:meth:`flashtensors.engine.devices._Runtime.entry_points`), ``arena`` is a
     device address on ``device``; the copies go on ``stream`` (a cudaStream_t that already waits for
-    whatever made the arena), and ``event`` (a cudaEvent_t) is recorded behind each batch of copies and
-    waited on before the batch's slots are read into again, so every copy is done when this returns.
-    Without, ``arena`` is host memory and the copies are ``memcpy``. ``while_reading`` runs on this
-    thread while the first reads fly.
+    whatever made the arena), and ``events`` is the address of an array of one cudaEvent_t per reader:
+    reader t records event t behind each copy of its slot and waits on it before reading into the slot
+    again, so every copy is done when this returns. Without, ``arena`` is host memory and the copies are
+    ``memcpy``. ``while_reading`` runs on this thread while the first reads fly.
 
-    With ``own_slots``, reader t reads into slot t only and copies it itself (``min(threads, nslots)``
-    readers, no copier); ``event`` is then the address of an array of one event per reader. ``pinned``
-    (one byte per slot) says which slots are pinned already; with ``entry_points``, each other slot is
-    pinned at its first copy by the thread that copies it, and its byte set to 1.
+    ``pinned`` (one byte per slot) says which slots are pinned already; with ``entry_points``, each other
+    slot is pinned at its first copy by its reader, and its byte set to 1.
 
     Raises:
+        ValueError: ``entry_points`` without ``events``.
         DirectRefused: an O_DIRECT read was refused (EINVAL); nothing is left running.
         OSError: a read failed (the path and errno are in it).
         FormatError: a file ended before its region did.
@@ -265,6 +257,8 @@ def read_regions(
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native read loop is not available: {unavailable_reason()}")
+    if entry_points is not None and not events:
+        raise ValueError("read_regions: entry_points need an array of one event per reader (events)")
     table = (_Region * max(1, len(regions)))()
     for k, (r, fd) in enumerate(zip(regions, fds, strict=True)):
         table[k] = _Region(fd, r.file_start, r.file_end, r.arena_offset)
@@ -273,7 +267,7 @@ def read_regions(
     ld.regions, ld.nregions = ctypes.addressof(table), len(regions)
     ld.ring, ld.slot_size, ld.nslots = ring, slot_size, nslots
     ld.arena, ld.threads, ld.device = arena, max(1, threads), device
-    ld.stream, ld.event = stream or None, event or None
+    ld.stream, ld.events = stream or None, events or None
     if entry_points is not None:
         ld.memcpy_async = entry_points["cudaMemcpyAsync"]
         ld.event_record = entry_points["cudaEventRecord"]
@@ -281,7 +275,6 @@ def read_regions(
         ld.set_device = entry_points["cudaSetDevice"]
         if pinned is not None:
             ld.host_register = entry_points["cudaHostRegister"]
-    ld.own_slots = int(own_slots)
     flags = (ctypes.c_int8 * max(1, nslots)).from_buffer(pinned) if pinned is not None else None
     ld.pinned = ctypes.addressof(flags) if flags is not None else None
     address = ctypes.addressof(buf)
@@ -296,9 +289,7 @@ def read_regions(
             lib.ft_ring_finish(address)
             raise
     code = int(lib.ft_ring_finish(address))
-    last_stats = Stats(
-        ld.first_read, ld.last_read, ld.slot_wait_s, ld.reads, ld.copies, ld.batches, ld.read_s, ld.pin_s
-    )
+    last_stats = Stats(ld.first_read, ld.last_read, ld.reads, ld.copies, ld.read_s, ld.pin_s)
     if code == _OK:
         return last_stats
     path = regions[ld.err_region].path if 0 <= ld.err_region < len(regions) else None
@@ -364,16 +355,15 @@ def read_ring(
                     slot.event.synchronize()  # a copy of the Python loop's, from an earlier load
                     slot.event = None
             # Slots not pinned yet are pinned at their first copy, in C, while the other reads fly, so
-            # only the slots the readers use are pinned (16 of 24 with own slots).
+            # only the slots the readers use are pinned (16 of 24).
             pinned = bytearray(int(slot.pinned) for slot in ring.slots)
             # The copies go on the caller's current stream, after whatever made the arena, as a
             # `.to(device)` would: no stream of our own to make before the first read (torch's pool
             # of them took 14-16 ms to make in a fresh process; firstread.py, twenty-second session).
             stream = torch.cuda.current_stream(arena.device)
-            own = OWN_SLOTS
-            readers = min(threads, len(ring.slots) if own else len(ring.slots) - 1)
+            readers = min(threads, len(ring.slots))  # one slot each
             index = torch.cuda.current_device()
-            made = events.take(index, readers if own else 1)  # own slots: one a reader
+            made = events.take(index, readers)  # one a reader
             if made is None:
                 return False
             try:
@@ -388,10 +378,9 @@ def read_ring(
                     readers,
                     device=index,
                     stream=stream.cuda_stream,
-                    event=ctypes.addressof(table) if own else (made[0] or 0),
+                    events=ctypes.addressof(table),
                     entry_points=points,
                     while_reading=while_reading,
-                    own_slots=own,
                     pinned=pinned,
                 )
             except DirectRefused:

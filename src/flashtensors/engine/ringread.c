@@ -1,18 +1,18 @@
 /* Cold O_DIRECT reads through the staging ring with no Python between the reads.
 
    Reader threads claim the load's bytes from the front, slot by slot, and read each slot in one request.
-   With own_slots (what loads use): each reader reads into a slot of its own, queues that slot's copy to
-   the GPU, and waits for it (~10 us) before its next read, so the reads land in as few places as a raw
-   read by as many threads. On the H200 machine each read then took as long as raw's, where reads into
-   the 24 slots of a shared ring took up to 12-17% longer (docs/perf-notes.md, twenty-first session).
-   Without own_slots, the readers hand each full slot to one copier thread, which queues its copy and
-   gives the slot back once the copy is done (kept for comparison: 0.90 of raw against 0.97).
+   Reader t reads into slot t only (at most one reader a slot), queues that slot's copy to the GPU, and
+   waits for the copy through its own event (~10 us) before its next read into the slot, so the reads
+   land in as few places as a raw read by as many threads. On the H200 machine each read then took as
+   long as raw's, where reads into the 24 slots of a shared ring, handed to one copier thread, took up to
+   12-17% longer: 0.97 of raw against the copier's 0.90 (docs/perf-notes.md, twenty-first session). The
+   copier was removed once own slots read at 97-108% of the disk in six of eight runs.
 
-   Slots not pinned yet (pinned[slot] == 0) are pinned at their first copy, by the thread that copies
-   them, while the other readers read. In Python the same loop needs the GIL at each hand-off: with 17
-   threads a full slot took 1.2-1.9 ms to come back to a reader, against ~10 us of copy, and the readers
-   waited for slots (docs/perf-notes.md, nineteenth session). Here a hand-off is a mutex and a condition
-   variable, or none.
+   Slots not pinned yet (pinned[slot] == 0) are pinned at their first copy, by the reader that owns them,
+   while the other readers read. In Python the same loop needs the GIL at each hand-off: with 17 threads
+   a full slot took 1.2-1.9 ms to come back to a reader, against ~10 us of copy, and the readers waited
+   for slots (docs/perf-notes.md, nineteenth session). Here a reader hands no slot to another thread; the
+   readers share only a mutex, taken to claim the next slot's worth and to count.
 
    The CUDA runtime is not linked: the caller passes the addresses of cudaMemcpyAsync, cudaEventRecord,
    cudaEventSynchronize, cudaSetDevice and cudaHostRegister from the runtime torch loaded. Without them
@@ -55,11 +55,6 @@ struct ft_region {
     int64_t arena_offset;
 };
 
-struct ft_full {
-    int32_t slot, region;
-    int64_t offset, n;
-};
-
 struct ft_load {
     /* set by the caller */
     const struct ft_region *regions;
@@ -67,44 +62,33 @@ struct ft_load {
     uint8_t *ring;
     int64_t slot_size; /* a multiple of 4 KiB */
     int64_t nslots;
-    uint8_t *arena; /* a device address, or host memory without memcpy_async */
-    int64_t threads;
+    uint8_t *arena;  /* a device address, or host memory without memcpy_async */
+    int64_t threads; /* readers: at most nslots, one slot each (start lowers it to nslots) */
     int64_t device;
     void *stream;
-    void *event; /* the copier's: recorded behind each batch of copies, waited on before the batch's slots
-                    are reused; own_slots: an array of one event per reader, for its own slot's copy */
+    void **events; /* one per reader, for its own slot's copy; with event_record only */
     memcpy_async_fn memcpy_async;
     event_record_fn event_record;
     event_sync_fn event_sync;
     set_device_fn set_device;
+    host_register_fn host_register; /* NULL: every slot is pinned already */
+    int64_t register_flags;
+    int8_t *pinned; /* per slot, 1 once pinned; the readers set it for the slots they pin */
     /* results */
     int64_t error, err_errno, err_region, cuda_error;
     double first_read, last_read; /* CLOCK_MONOTONIC seconds, as Python's perf_counter */
-    double slot_wait_s;           /* readers' time waiting for a free slot, summed */
-    int64_t reads, copies, batches;
+    int64_t reads, copies;
     double read_s; /* the reads' own time, summed: over the window, the reads in flight */
-    /* set by the caller (after the results, so that the fields above keep their places) */
-    int64_t own_slots;              /* 1: reader t reads into slot t and copies it itself (nslots >= threads) */
-    host_register_fn host_register; /* NULL: every slot is pinned already */
-    int64_t register_flags;
-    int8_t *pinned; /* per slot, 1 once pinned; the threads set it for the slots they pin */
-    double pin_s;   /* time spent pinning slots, summed */
+    double pin_s;  /* time spent pinning slots, summed */
     /* private */
     pthread_mutex_t lock;
-    pthread_cond_t free_cv, full_cv;
-    int32_t *free_slots; /* a stack: the slot freed last is reused first */
-    int64_t free_top;
-    struct ft_full *full; /* a ring buffer of nslots entries */
-    int64_t full_head, full_count;
     int64_t region, pos; /* the next claim */
     int64_t readers_running;
     int stop;
     pthread_t *readers;
     struct ft_reader *reader_args;
     int64_t started;
-    pthread_t copier;
-    int copier_started;
-    int done; /* the copier (own_slots: the last reader) has left: nothing more is read or copied */
+    int done; /* the last reader has left: nothing more is read or copied */
     pthread_cond_t done_cv;
 };
 
@@ -119,7 +103,7 @@ static double now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Record the first error only, and stop every thread; the caller holds the lock. */
+/* Record the first error only, and stop every reader after its current slot; the caller holds the lock. */
 static void fail(struct ft_load *ld, int64_t code, int64_t err, int64_t region) {
     if (ld->error == FT_OK) {
         ld->error = code;
@@ -127,8 +111,6 @@ static void fail(struct ft_load *ld, int64_t code, int64_t err, int64_t region) 
         ld->err_region = region;
     }
     ld->stop = 1;
-    pthread_cond_broadcast(&ld->free_cv);
-    pthread_cond_broadcast(&ld->full_cv);
 }
 
 /* Read up to want bytes at offset; stops at the end of the file. Bytes read, or -errno. */
@@ -183,7 +165,7 @@ static void note_read(struct ft_load *ld, double began, double ended) {
     ld->read_s += ended - began;
 }
 
-/* Pin a slot at its first copy (only this thread copies it now). 0, or the runtime's error. */
+/* Pin a slot at its first copy (only its reader copies it). 0, or the runtime's error. */
 static int pin_slot(struct ft_load *ld, int32_t slot) {
     if (!ld->host_register || !ld->pinned || ld->pinned[slot])
         return 0;
@@ -219,11 +201,14 @@ static int copy_slot(struct ft_load *ld, int32_t slot, int32_t region, int64_t o
     return err;
 }
 
-/* own_slots: a reader that copies its own slot, then waits for the copy before reading into it again. */
-static void *own_reader(struct ft_load *ld, int32_t slot) {
-    void *event = ld->event_record ? ((void **)ld->event)[slot] : NULL;
+/* Reader t: reads into slot t, copies it, then waits for the copy before reading into it again. */
+static void *reader(void *arg) {
+    struct ft_reader *me = arg;
+    struct ft_load *ld = me->ld;
+    int32_t slot = me->index;
+    void *event = ld->event_record ? ld->events[slot] : NULL;
     if (ld->set_device)
-        ld->set_device((int)ld->device);
+        ld->set_device((int)ld->device); /* a new thread's runtime calls go to device 0 otherwise */
     pthread_mutex_lock(&ld->lock);
     int64_t region, offset, n;
     while (claim(ld, &region, &offset, &n)) {
@@ -263,113 +248,9 @@ static void *own_reader(struct ft_load *ld, int32_t slot) {
     }
     ld->readers_running--;
     if (ld->readers_running == 0) {
-        ld->done = 1; /* no copier in this mode: the last reader ends the load */
+        ld->done = 1; /* the last reader ends the load */
         pthread_cond_broadcast(&ld->done_cv);
     }
-    pthread_mutex_unlock(&ld->lock);
-    return NULL;
-}
-
-static void *reader(void *arg) {
-    struct ft_reader *me = arg;
-    struct ft_load *ld = me->ld;
-    if (ld->own_slots)
-        return own_reader(ld, me->index);
-    pthread_mutex_lock(&ld->lock);
-    int64_t region, offset, n;
-    while (claim(ld, &region, &offset, &n)) {
-        const struct ft_region *r = &ld->regions[region];
-        if (ld->free_top == 0) {
-            double began = now();
-            while (ld->free_top == 0 && !ld->stop)
-                pthread_cond_wait(&ld->free_cv, &ld->lock);
-            ld->slot_wait_s += now() - began;
-            if (ld->stop)
-                break;
-        }
-        int32_t slot = ld->free_slots[--ld->free_top];
-        pthread_mutex_unlock(&ld->lock);
-
-        int64_t want = (n + FT_ALIGN - 1) / FT_ALIGN * FT_ALIGN;
-        double began = now();
-        int64_t got = read_full((int)r->fd, ld->ring + (int64_t)slot * ld->slot_size, want, offset);
-        double ended = now();
-
-        pthread_mutex_lock(&ld->lock);
-        note_read(ld, began, ended);
-        if (got < 0 || got < n) {
-            ld->free_slots[ld->free_top++] = slot;
-            if (got < 0)
-                fail(ld, FT_EREAD, -got, region);
-            else
-                fail(ld, FT_ESHRANK, 0, region);
-            break;
-        }
-        struct ft_full *f = &ld->full[(ld->full_head + ld->full_count) % ld->nslots];
-        f->slot = slot;
-        f->region = (int32_t)region;
-        f->offset = offset;
-        f->n = n;
-        ld->full_count++;
-        pthread_cond_signal(&ld->full_cv);
-    }
-    ld->readers_running--;
-    pthread_cond_broadcast(&ld->full_cv);
-    pthread_mutex_unlock(&ld->lock);
-    return NULL;
-}
-
-static void *copier(void *arg) {
-    struct ft_load *ld = arg;
-    struct ft_full *batch = calloc((size_t)ld->nslots, sizeof *batch);
-    if (ld->set_device)
-        ld->set_device((int)ld->device); /* a new thread's runtime calls go to device 0 otherwise */
-    pthread_mutex_lock(&ld->lock);
-    if (!batch)
-        fail(ld, FT_ETHREAD, ENOMEM, -1);
-    for (;;) {
-        while (ld->full_count == 0 && ld->readers_running > 0 && !ld->stop)
-            pthread_cond_wait(&ld->full_cv, &ld->lock);
-        if (ld->stop || ld->full_count == 0)
-            break;
-        int64_t count = ld->full_count;
-        for (int64_t k = 0; k < count; k++)
-            batch[k] = ld->full[(ld->full_head + k) % ld->nslots];
-        ld->full_head = (ld->full_head + count) % ld->nslots;
-        ld->full_count = 0;
-        pthread_mutex_unlock(&ld->lock);
-
-        int err = 0, code = FT_ECUDA;
-        for (int64_t k = 0; k < count && !err; k++)
-            err = copy_slot(ld, batch[k].slot, batch[k].region, batch[k].offset, batch[k].n, &code);
-        if (!err && ld->event_record) {
-            err = ld->event_record(ld->event, ld->stream);
-            if (!err)
-                err = ld->event_sync(ld->event); /* ~10 us per 512 KiB slot: then the slots are free */
-        }
-
-        pthread_mutex_lock(&ld->lock);
-        for (int64_t k = 0; k < count; k++)
-            ld->free_slots[ld->free_top++] = batch[k].slot;
-        ld->copies += count;
-        ld->batches++;
-        pthread_cond_broadcast(&ld->free_cv);
-        if (err) {
-            ld->cuda_error = err;
-            fail(ld, code, 0, -1);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&ld->lock);
-    if (ld->event_sync && ld->event_record && ld->error) {
-        /* a failed load: no copy queued here may still write into an arena the caller frees */
-        if (ld->event_record(ld->event, ld->stream) == 0)
-            ld->event_sync(ld->event);
-    }
-    free(batch);
-    pthread_mutex_lock(&ld->lock);
-    ld->done = 1;
-    pthread_cond_broadcast(&ld->done_cv);
     pthread_mutex_unlock(&ld->lock);
     return NULL;
 }
@@ -378,37 +259,25 @@ size_t ft_load_size(void) { return sizeof(struct ft_load); }
 
 const char *ft_source_tag(void) { return FT_SOURCE_TAG; }
 
-/* Start the readers and the copier; returns FT_OK, or an error with every thread already joined. */
+/* Start the readers; returns FT_OK, or an error with no reader started. */
 int64_t ft_ring_start(struct ft_load *ld) {
     pthread_mutex_init(&ld->lock, NULL);
-    pthread_cond_init(&ld->free_cv, NULL);
-    pthread_cond_init(&ld->full_cv, NULL);
     pthread_cond_init(&ld->done_cv, NULL);
-    ld->free_slots = calloc((size_t)ld->nslots, sizeof *ld->free_slots);
-    ld->full = calloc((size_t)ld->nslots, sizeof *ld->full);
+    if (ld->threads > ld->nslots)
+        ld->threads = ld->nslots; /* one slot each */
     ld->readers = calloc((size_t)ld->threads, sizeof *ld->readers);
     ld->reader_args = calloc((size_t)ld->threads, sizeof *ld->reader_args);
-    if (ld->own_slots && ld->threads > ld->nslots)
-        ld->threads = ld->nslots; /* one slot each */
-    if (!ld->free_slots || !ld->full || !ld->readers || !ld->reader_args) {
+    if (!ld->readers || !ld->reader_args) {
         ld->error = FT_ETHREAD;
         ld->err_errno = ENOMEM;
         ld->done = 1;
         return ld->error;
     }
-    for (int64_t s = ld->nslots - 1; s >= 0; s--)
-        ld->free_slots[ld->free_top++] = (int32_t)s; /* slot 0 on top */
     ld->region = 0;
     ld->pos = ld->nregions ? ld->regions[0].file_start : 0;
     skip_ended(ld);
-    pthread_mutex_lock(&ld->lock); /* the threads start together, once all exist */
+    pthread_mutex_lock(&ld->lock); /* the readers start together, once all exist */
     int rc = 0;
-    if (!ld->own_slots) {
-        rc = pthread_create(&ld->copier, NULL, copier, ld);
-        ld->copier_started = rc == 0;
-        if (rc != 0)
-            ld->done = 1;
-    }
     for (int64_t t = 0; rc == 0 && t < ld->threads; t++) {
         ld->reader_args[t].ld = ld;
         ld->reader_args[t].index = (int32_t)t;
@@ -420,7 +289,7 @@ int64_t ft_ring_start(struct ft_load *ld) {
     }
     if (rc != 0)
         fail(ld, FT_ETHREAD, rc, -1);
-    if (ld->own_slots && ld->started == 0)
+    if (ld->started == 0)
         ld->done = 1;
     pthread_mutex_unlock(&ld->lock);
     return FT_OK;
@@ -447,30 +316,23 @@ int64_t ft_ring_wait(struct ft_load *ld, int64_t ms) {
     return done;
 }
 
-/* Ask every thread to stop after the read or copy it is in (a failed or interrupted load). */
+/* Ask every reader to stop after the slot it is in (a failed or interrupted load). */
 void ft_ring_stop(struct ft_load *ld) {
     pthread_mutex_lock(&ld->lock);
     fail(ld, FT_ESTOPPED, 0, -1);
     pthread_mutex_unlock(&ld->lock);
 }
 
-/* Wait until every slot read is copied (and, on a GPU, every copy done), then free what start made.
-   Returns the load's error code (FT_OK: every byte of every region is in the arena). */
+/* Join the readers (on a GPU each has waited for its last copy, unless the runtime refused that copy's
+   event), then free what start made. Returns the load's error code (FT_OK: every byte of every region
+   is in the arena). */
 int64_t ft_ring_finish(struct ft_load *ld) {
     for (int64_t t = 0; t < ld->started; t++)
         pthread_join(ld->readers[t], NULL);
-    if (ld->copier_started)
-        pthread_join(ld->copier, NULL);
-    free(ld->free_slots);
-    free(ld->full);
     free(ld->readers);
     free(ld->reader_args);
-    ld->reader_args = NULL;
-    ld->free_slots = NULL;
-    ld->full = NULL;
     ld->readers = NULL;
-    pthread_cond_destroy(&ld->free_cv);
-    pthread_cond_destroy(&ld->full_cv);
+    ld->reader_args = NULL;
     pthread_cond_destroy(&ld->done_cv);
     pthread_mutex_destroy(&ld->lock);
     return ld->error;
