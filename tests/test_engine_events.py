@@ -1,5 +1,5 @@
 """The C loop's events (:mod:`flashtensors.engine.events`) with a stand-in runtime, on the CPU: the head
-start makes them on its own thread after the library's load; a load's take waits for it, gets distinct
+start makes them on its own thread; a load's take waits for it, gets distinct
 events and makes none twice; events given back serve the next load; a runtime that refuses leaves the
 load to the Python loop (None), and a failed head start is made up by the take."""
 
@@ -23,9 +23,13 @@ class StandIn:
         self.refuse_after = refuse_after
         self.lib = object() if callable_directly else None
         self.gate: threading.Event | None = None
-        self.order: list[str] = []
+        self.raise_on: str | None = None  # a thread whose cudaSetDevice raises
+        self.set_devices = 0
 
     def set_device(self, index: int) -> bool:
+        self.set_devices += 1
+        if self.raise_on == threading.current_thread().name:
+            raise OSError("the runtime could not be called")
         if self.lib is None:
             return False
         self.device[threading.current_thread().name] = index
@@ -39,7 +43,6 @@ class StandIn:
             return None
         event = 1000 + len(self.made)
         self.made[event] = (name, self.device[name])
-        self.order.append("event")
         return event
 
 
@@ -60,14 +63,11 @@ def finish_head_starts() -> None:
         thread.join()
 
 
-def test_the_head_start_loads_the_library_then_makes_the_events_on_its_own_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_head_start_makes_the_events_on_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     rt = use(monkeypatch, StandIn())
-    events.head_start(1, 16, lambda: rt.order.append("library"))
+    events.head_start(1, 16)
     finish_head_starts()
-    assert rt.order == ["library"] + ["event"] * 16
-    assert set(rt.made.values()) == {("flash-head-start", 1)}
+    assert len(rt.made) == 16 and set(rt.made.values()) == {("flash-head-start", 1)}
     taken = events.take(1, 16)
     assert taken is not None and sorted(taken) == sorted(rt.made)
     assert len(rt.made) == 16  # the take made none
@@ -105,11 +105,12 @@ def test_events_given_back_serve_the_next_load_and_no_head_start_runs(
     assert first is not None and len(set(first)) == 16
     assert {thread for thread, _ in rt.made.values()} == {threading.current_thread().name}
     events.give(0, first)
-    events.head_start(0, 16, lambda: rt.order.append("library"))
-    assert events._starts == {} and "library" not in rt.order  # 16 free already: nothing to start
+    calls = rt.set_devices
+    events.head_start(0, 16)
+    assert events._starts == {}  # 16 free already: nothing to start
     second = events.take(0, 16)
     assert second is not None and sorted(second) == sorted(first)
-    assert len(rt.made) == 16
+    assert len(rt.made) == 16 and rt.set_devices == calls  # no runtime call at all
 
 
 def test_loads_at_once_get_distinct_events(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,11 +154,8 @@ def test_a_runtime_not_callable_directly_makes_no_events(monkeypatch: pytest.Mon
 
 def test_a_failed_head_start_is_made_up_by_the_take(monkeypatch: pytest.MonkeyPatch) -> None:
     rt = use(monkeypatch, StandIn())
-
-    def library() -> None:
-        raise OSError("the library could not be loaded")
-
-    events.head_start(0, 16, library)
+    rt.raise_on = "flash-head-start"
+    events.head_start(0, 16)
     finish_head_starts()
     assert rt.made == {} and events._starts == {}
     taken = events.take(0, 16)

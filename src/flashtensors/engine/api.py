@@ -207,10 +207,10 @@ def load(
     dev = devices.resolve_device(device)
     start = time.perf_counter()
     if dev.type == "cuda" and forced in ("auto", "direct") and native.takes_cold_loads(settings):
-        # What a cold read by the C loop needs before its first read, made on a thread while this
-        # thread plans: the library's load and the readers' events (once per process; see events.py)
+        # The readers' events, made on a thread while this one plans and loads the C loop's library
+        # (the process's first event costs 10-18 ms; made once per process, see events.py)
         index = torch.cuda.current_device() if dev.index is None else dev.index
-        events.head_start(index, settings.io_threads, native.library)
+        events.head_start(index, settings.io_threads)
     plan = make_plan(resolve_files(checkpoint), GPU_TENSOR_ALIGN if dev.type == "cuda" else 0)
     arena = devices.allocate_arena(plan.arena_size, dev)
     warm_views(arena)  # a device's first load: its view paths' code paged in before the disk is busy

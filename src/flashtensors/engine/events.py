@@ -1,5 +1,5 @@
 """The C loop's events, kept per device for the process's later loads, and a head start that makes them
-(and loads the C loop's library) on a thread while a cold load plans.
+on a thread while a cold load plans and loads the C loop's library.
 
 Why: in a fresh process, the first CUDA event or stream the process makes costs 10-18 ms on the H200
 machine, whichever of them comes first (``benches/probes/firstread.py``, twenty-second session: the
@@ -8,9 +8,10 @@ C loop's first ``cudaEventCreateWithFlags`` took 10.6-18.4 ms where no stream wa
 start and its first read, beside the library's load (5-10 ms); the Python loop, which makes its
 streams while its first reads fly, began reading 27 ms earlier. Started at the load's start, the head
 start runs them beside the load's plan, arena and views: the first read came 22.7 ms after the load's
-start (median of 6 fresh processes), against 31.7 without it. The load still waited 10.6-15.8 ms for
-the events, which this thread makes after the library's load (docs/perf-notes.md, twenty-second
-session).
+start (median of 6 fresh processes), against 31.7 without it. That head start loaded the library
+before it made the events, and the load waited 10.6-15.8 ms for them (docs/perf-notes.md,
+twenty-second session); this one makes only the events, and the load's own thread loads the library
+meanwhile.
 
 Events are made without timing, on one device each, and never destroyed: a load takes the ones it needs
 and gives them back when its copies are done, so a later load makes none.
@@ -19,7 +20,6 @@ and gives them back when its copies are done, so a later load makes none.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 from flashtensors.engine import devices
 
@@ -47,15 +47,15 @@ def _fill(index: int, count: int) -> None:
             _free[index].append(event)
 
 
-def head_start(index: int, count: int, also: Callable[[], object] | None = None) -> None:
-    """Start a thread that runs ``also`` (the library's load), then makes events on device ``index``
-    until ``count`` are free, unless they are or a head start for that device runs. Returns at once;
-    whatever the thread could not do (a runtime that cannot be called directly, an event refused) is
-    left to :func:`take`, which the read loop calls and which says so."""
+def head_start(index: int, count: int) -> None:
+    """Start a thread that makes events on device ``index`` until ``count`` are free, unless they are
+    or a head start for that device runs. Returns at once; whatever the thread could not do (a runtime
+    that cannot be called directly, an event refused) is left to :func:`take`, which the read loop
+    calls and which says so."""
     with _lock:
         if index in _starts or len(_free.get(index, [])) >= count:
             return
-        thread = threading.Thread(target=_run, args=(index, count, also), name="flash-head-start")
+        thread = threading.Thread(target=_run, args=(index, count), name="flash-head-start")
         thread.daemon = True
         _starts[index] = thread
     try:
@@ -65,10 +65,8 @@ def head_start(index: int, count: int, also: Callable[[], object] | None = None)
             _starts.pop(index, None)
 
 
-def _run(index: int, count: int, also: Callable[[], object] | None) -> None:
+def _run(index: int, count: int) -> None:
     try:
-        if also is not None:
-            also()
         _fill(index, count)
     except Exception:  # a head start only saves time: take() runs the same calls on the load's thread,
         pass  # where an error is raised to the caller
