@@ -123,7 +123,7 @@ class Stats:
     pin_s: float  # time spent pinning slots at their first copy, summed over the threads
 
 
-last_stats: Stats | None = None  # the process's last native load, for probes and the bench's notes
+last_stats: Stats | None = None  # the process's last native load, for the probes (benches/probes)
 
 
 def _cache_dir() -> Path:
