@@ -10,8 +10,9 @@ streams while its first reads fly, began reading 27 ms earlier. Started at the l
 start runs them beside the load's plan, arena and views: the first read came 22.7 ms after the load's
 start (median of 6 fresh processes), against 31.7 without it. That head start loaded the library
 before it made the events, and the load waited 10.6-15.8 ms for them (docs/perf-notes.md,
-twenty-second session); this one makes only the events, and the load's own thread loads the library
-meanwhile.
+twenty-second session). This one makes only the events, and the load's own thread loads the library
+meanwhile: the load waited 0.01-0.26 ms for the events, and its first read came at 20.9 ms against
+23.1 (twenty-third session), the library's load from a cold page cache (7-17 ms) now the longer step.
 
 Events are made without timing, on one device each, and never destroyed: a load takes the ones it needs
 and gives them back when its copies are done, so a later load makes none.
